@@ -1,0 +1,153 @@
+"""Checkpoints: atomic writes, safe reads, and loading an AutoencoderKL from ours or upstream's.
+
+One file format serves training, export and serving: a dict with `model` (the autoencoder's
+state dict; the trainer adds the loss modules under `loss.`), `ema` (upstream layout:
+`ema_model.`-prefixed keys), `step`, and `config` (the resolved run config, so the file is
+self-describing). Upstream RadioDiff `model-N.pt` files have the same layout minus `config`.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .autoencoder import AutoencoderKL
+from .config import ConfigError, ModelConfig, from_dict, resolve_config_path
+
+EMA_PREFIX = "ema_model."
+_MILESTONE = re.compile(r"model-(\d+)\.pt$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read or does not fit the network; the message names the file."""
+
+
+def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
+    """Write `payload` with torch.save via a temp file + rename, so a crash leaves no torn file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The `model-N.pt` with the highest N in `run_dir`, or None."""
+    found = [(int(m.group(1)), p) for p in Path(run_dir).glob("model-*.pt")
+             if (m := _MILESTONE.search(p.name))]
+    return max(found)[1] if found else None
+
+
+def resolve_checkpoint(path_or_dir: str | Path) -> Path:
+    """A checkpoint file, or the latest `model-N.pt` of a run directory."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise CheckpointError(f"{path}: directory holds no model-N.pt checkpoint")
+        return found
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
+    return path
+
+
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+    """torch.load with weights_only=True; a torn, foreign or unsafe file is a CheckpointError."""
+    path = resolve_checkpoint(path)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refused: the file holds objects other than tensors and "
+                              f"plain containers (weights_only load): {first}") from None
+    except (RuntimeError, EOFError, OSError, ValueError, AttributeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or not "
+                              f"written by torch.save): {first}") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
+    return obj
+
+
+def network_state_dict(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
+    """The autoencoder weights of a checkpoint: EMA when present (as upstream), else `model`,
+    `state_dict`, or the dict itself."""
+    if use_ema and isinstance(ckpt.get("ema"), dict):
+        ema = ckpt["ema"]
+        sd = {k[len(EMA_PREFIX):]: v for k, v in ema.items() if k.startswith(EMA_PREFIX)}
+        if sd:
+            return sd
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    return ckpt
+
+
+def _summarise(keys: list[str], limit: int = 5) -> str:
+    shown = ", ".join(keys[:limit])
+    return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+
+
+def load_into(model: torch.nn.Module, state: dict[str, Any], source: str | Path) -> None:
+    """Load the keys `model` owns (others are dropped, as upstream); name any mismatch."""
+    own = model.state_dict()
+    tensors = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    missing = [k for k in own if k not in tensors]
+    if len(missing) == len(own):
+        raise CheckpointError(f"{source}: no autoencoder weights found; top-level keys: "
+                              f"{_summarise(sorted(map(str, state)))}")
+    if missing:
+        raise CheckpointError(f"{source}: {len(missing)} network weights missing: "
+                              f"{_summarise(missing)}")
+    wrong = [f"{k} {tuple(tensors[k].shape)} (network expects {tuple(v.shape)})"
+             for k, v in own.items() if tensors[k].shape != v.shape]
+    if wrong:
+        raise CheckpointError(f"{source}: shape mismatch, the config does not match the "
+                              f"checkpoint: {_summarise(wrong, 3)}")
+    model.load_state_dict({k: tensors[k] for k in own}, strict=True)
+
+
+def model_config_of(ckpt: dict, source: str | Path,
+                    config: ModelConfig | dict | str | Path | None) -> ModelConfig:
+    """The ModelConfig for a checkpoint: the one given, else the one stored in it."""
+    if isinstance(config, ModelConfig):
+        return config
+    if isinstance(config, (str, Path)):
+        with open(resolve_config_path(config)) as f:
+            config = (yaml.safe_load(f) or {}).get("model")
+    if config is None:
+        stored = ckpt.get("config")
+        if not isinstance(stored, dict) or "model" not in stored:
+            raise CheckpointError(f"{source}: the checkpoint stores no config (an upstream "
+                                  "RadioDiff file?): pass the YAML it was trained with, e.g. "
+                                  "config='first_radio.yaml'")
+        config = stored["model"]
+    try:
+        return from_dict(ModelConfig, config, "model")
+    except ConfigError as err:
+        raise CheckpointError(f"{source}: bad model config: {err}") from None
+
+
+def load_autoencoder(path_or_dir: str | Path, config: ModelConfig | dict | str | Path | None = None,
+                     use_ema: bool = True, map_location: str | torch.device = "cpu"
+                     ) -> AutoencoderKL:
+    """An eval-mode AutoencoderKL from one of our checkpoints or an upstream `model-N.pt`."""
+    path = resolve_checkpoint(path_or_dir)
+    ckpt = read_checkpoint(path, map_location)
+    model = AutoencoderKL.from_config(model_config_of(ckpt, path, config))
+    load_into(model, network_state_dict(ckpt, use_ema), path)
+    return model.eval()

@@ -1,0 +1,128 @@
+"""The run config: upstream `first_radio.yaml` keys (`model`, `data`, `trainer`) as dataclasses."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal, Union
+
+import yaml
+
+from model.config import ConfigError, ModelConfig, from_dict, resolve_config_path, to_dict
+
+
+@dataclass
+class DataConfig:
+    """Where the radio maps come from (upstream `data`)."""
+    name: Literal["radio", "synthetic"] = "radio"  # radio = RadioMapSeer on disk
+    root: Union[str, None] = None
+    simulation: Literal["DPM", "IRT2", "IRT4"] = "DPM"
+    cars: bool = False
+    num_tx: int = 80
+    num_maps: Union[int, None] = None  # None: the whole dataset (synthetic: 64 maps)
+    split: Literal["disjoint", "upstream"] = "disjoint"
+    image_size: Union[int, list[int], Literal["native"]] = field(default_factory=lambda: [320, 320])
+    hflip: bool = False
+    seed: int = 42
+    num_workers: int = 2
+    batch_size: Union[int, None] = None  # upstream puts batch_size here; trainer.batch_size wins
+
+    def validate(self, path: str) -> None:
+        if self.name == "radio" and not self.root:
+            raise ConfigError(f"{path}.root: the RadioMapSeer folder is required when "
+                              f"{path}.name is 'radio' (or set {path}.name: synthetic)")
+        if self.num_tx < 1 or (self.num_maps is not None and self.num_maps < 1):
+            raise ConfigError(f"{path}.num_tx / {path}.num_maps: expected positive integers")
+        if self.num_workers < 0:
+            raise ConfigError(f"{path}.num_workers: expected >= 0")
+        size = self.image_size
+        if isinstance(size, list) and (len(size) != 2 or min(size) < 1):
+            raise ConfigError(f"{path}.image_size: expected [H, W], an int, or 'native'")
+
+
+@dataclass
+class TrainerConfig:
+    """Optimisation, logging and checkpointing (upstream `trainer`)."""
+    gradient_accumulate_every: int = 1
+    lr: float = 5e-6
+    min_lr: float = 5e-7
+    warmup_steps: int = 0
+    train_num_steps: int = 150000
+    save_and_sample_every: int = 5000
+    log_freq: int = 100
+    results_folder: str = "results/first_radio"
+    resume_milestone: Union[int, None] = None
+    amp: bool = False  # bf16 autocast
+    fp16: bool = False  # float16 instead of bf16 when amp is on (GPU only)
+    batch_size: Union[int, None] = None
+    ema_decay: float = 0.995
+    ema_update_every: int = 10
+    ema_update_after_step: int = 100
+    grad_clip: Union[float, None] = None
+    val_batches: int = 8
+    num_samples: int = 8
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def validate(self, path: str) -> None:
+        for name in ("gradient_accumulate_every", "train_num_steps", "save_and_sample_every",
+                     "log_freq", "ema_update_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{path}.{name}: expected a positive integer")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"{path}.lr / {path}.min_lr: expected 0 <= min_lr <= lr, lr > 0")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ConfigError(f"{path}.batch_size: expected a positive integer")
+
+
+@dataclass
+class RunConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+    def validate(self, path: str) -> None:
+        a, b = self.data.batch_size, self.trainer.batch_size
+        if a is not None and b is not None and a != b:
+            raise ConfigError(f"data.batch_size ({a}) and trainer.batch_size ({b}) disagree; "
+                              "set one")
+
+    @property
+    def batch_size(self) -> int:
+        """Per-process batch size: trainer.batch_size, else upstream's data.batch_size, else 8."""
+        return self.trainer.batch_size or self.data.batch_size or 8
+
+
+def apply_override(raw: dict, override: str) -> None:
+    """Apply one `a.b.c=value` override (value parsed as YAML) to a raw config dict."""
+    key, sep, value = override.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"override {override!r}: expected KEY.PATH=VALUE, "
+                          "e.g. trainer.batch_size=4")
+    node = raw
+    parts = key.strip().split(".")
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {'.'.join(parts[:i + 1])} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def load_config(cfg: str | Path | dict, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (path, or bundled name) or a dict, apply overrides, validate."""
+    if isinstance(cfg, dict):
+        raw = copy.deepcopy(cfg)
+    else:
+        path = resolve_config_path(cfg)
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    for override in overrides:
+        apply_override(raw, override)
+    return from_dict(RunConfig, raw)
+
+
+def dump_config(cfg: RunConfig) -> dict:
+    return to_dict(cfg)
