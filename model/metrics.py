@@ -1,0 +1,106 @@
+"""The radio-map literature's four metrics (PSNR, SSIM, NMSE, RMSE), batched, on maps in [0, 1].
+
+Every function takes `pred` and `target` of the same shape `[B, C, H, W]`, `[B, H, W]` or
+`[H, W]` and returns one value per sample (shape `[B]`, or `[]` for a single map).
+SSIM follows Wang et al. 2004 exactly as scikit-image computes it with
+`gaussian_weights=True, sigma=1.5, use_sample_covariance=False, data_range=1`: an 11-tap
+Gaussian window, K1 = 0.01, K2 = 0.03, averaged over the window positions fully inside the map.
+NMSE is per map: sum((pred - target)^2) / sum(target^2).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SSIM_SIGMA = 1.5
+SSIM_WIN = 11
+SSIM_K1, SSIM_K2 = 0.01, 0.03
+_EPS = 1e-12  # NMSE of an all-zero target
+
+
+def _as_batch(pred: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, bool]:
+    """Both maps as float64 [B, C, H, W]; the flag says the input was a single [H, W] map."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target must have the same shape, got {tuple(pred.shape)} "
+                         f"and {tuple(target.shape)}")
+    if pred.ndim not in (2, 3, 4):
+        raise ValueError(f"expected maps of shape [H, W], [B, H, W] or [B, C, H, W], "
+                         f"got {tuple(pred.shape)}")
+    single = pred.ndim == 2
+    while pred.ndim < 4:
+        pred, target = pred.unsqueeze(-3), target.unsqueeze(-3)
+    return pred.double(), target.double(), single
+
+
+def _per_sample(values: torch.Tensor, single: bool) -> torch.Tensor:
+    values = values.float()
+    return values[0] if single else values
+
+
+def mse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Mean squared error per map."""
+    p, t, single = _as_batch(pred, target)
+    return _per_sample((p - t).pow(2).flatten(1).mean(1), single)
+
+
+def rmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Root mean squared error per map."""
+    return mse(pred, target).sqrt()
+
+
+def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Normalised MSE per map: ||pred - target||^2 / ||target||^2."""
+    p, t, single = _as_batch(pred, target)
+    err = (p - t).pow(2).flatten(1).sum(1)
+    energy = t.pow(2).flatten(1).sum(1).clamp_min(_EPS)
+    return _per_sample(err / energy, single)
+
+
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per map (inf for identical maps)."""
+    p, t, single = _as_batch(pred, target)
+    err = (p - t).pow(2).flatten(1).mean(1)
+    return _per_sample(10.0 * torch.log10(data_range ** 2 / err), single)
+
+
+def _gaussian_window(device: torch.device) -> torch.Tensor:
+    x = torch.arange(SSIM_WIN, dtype=torch.float64, device=device) - SSIM_WIN // 2
+    w = torch.exp(-x.pow(2) / (2 * SSIM_SIGMA ** 2))
+    return w / w.sum()
+
+
+def _blur(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian filter over [N, 1, H, W], valid positions only."""
+    x = F.conv2d(x, window.view(1, 1, -1, 1))
+    return F.conv2d(x, window.view(1, 1, 1, -1))
+
+
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """Structural similarity per map (channels averaged)."""
+    p, t, single = _as_batch(pred, target)
+    b, c, h, w = p.shape
+    if min(h, w) < SSIM_WIN:
+        raise ValueError(f"SSIM needs maps of at least {SSIM_WIN}x{SSIM_WIN}, got {h}x{w}")
+    window = _gaussian_window(p.device)
+    stack = torch.cat([p, t, p * p, t * t, p * t]).reshape(5 * b * c, 1, h, w)
+    mu_p, mu_t, e_pp, e_tt, e_pt = _blur(stack, window).reshape(5, b, c, h - SSIM_WIN + 1, -1)
+    var_p, var_t = e_pp - mu_p ** 2, e_tt - mu_t ** 2
+    cov = e_pt - mu_p * mu_t
+    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    num = (2 * mu_p * mu_t + c1) * (2 * cov + c2)
+    den = (mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2)
+    return _per_sample((num / den).flatten(1).mean(1), single)
+
+
+METRICS = {"psnr": psnr, "ssim": ssim, "nmse": nmse, "rmse": rmse}
+
+
+def per_sample_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, torch.Tensor]:
+    """All four metrics, one value per map, keyed psnr / ssim / nmse / rmse."""
+    with torch.no_grad():
+        return {name: fn(pred.detach(), target.detach()) for name, fn in METRICS.items()}
+
+
+def mean_metrics(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
+    """All four metrics averaged over the batch, as plain floats."""
+    return {name: v.mean().item() for name, v in per_sample_metrics(pred, target).items()}

@@ -1,0 +1,75 @@
+"""The sample layout every radio-map source shares: one item per (map, transmitter)."""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+from model.io import to_model
+
+Size = Union[int, list, str, None]
+
+
+def resolve_size(image_size: Size) -> tuple[int, int] | None:
+    """`data.image_size` as (H, W), or None for the files' native size."""
+    if image_size is None or image_size == "native":
+        return None
+    if isinstance(image_size, int):
+        return (image_size, image_size)
+    height, width = image_size
+    return (int(height), int(width))
+
+
+def resize(maps: torch.Tensor, size: tuple[int, int] | None) -> torch.Tensor:
+    """Bilinear (antialiased) resize of [C, H, W] maps in [0, 1]; None keeps the size."""
+    if size is None or tuple(maps.shape[-2:]) == size:
+        return maps
+    out = F.interpolate(maps[None], size=size, mode="bilinear", antialias=True,
+                        align_corners=False)[0]
+    return out.clamp(0.0, 1.0)
+
+
+class RadioMapDataset(Dataset, ABC):
+    """Items `{"image", "buildings", "tx", "name"}` in [-1, 1]; subclasses say how to `load`.
+
+    Item i is transmitter `i % num_tx` of map `map_ids[i // num_tx]` (upstream's order).
+    """
+
+    def __init__(self, map_ids: list[int], num_tx: int, image_size: Size = "native",
+                 hflip: bool = False):
+        self.map_ids = list(map_ids)
+        self.num_tx = num_tx
+        self.size = resolve_size(image_size)
+        self.hflip = hflip
+
+    def __len__(self) -> int:
+        return len(self.map_ids) * self.num_tx
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(map id, transmitter) of item `index`."""
+        if not 0 <= index < len(self):
+            raise IndexError(f"item {index} out of range for {len(self)} items")
+        return self.map_ids[index // self.num_tx], index % self.num_tx
+
+    @abstractmethod
+    def load(self, map_id: int, tx: int) -> dict[str, np.ndarray]:
+        """Maps in [0, 1] at native size: `image` (gain), `buildings`, `tx` (+ `cars`)."""
+
+    def maps(self, index: int) -> dict[str, torch.Tensor]:
+        """Item `index` as [1, H, W] tensors in [0, 1], resized, not yet flipped."""
+        arrays = self.load(*self.locate(index))
+        keys = list(arrays)
+        stacked = resize(torch.from_numpy(np.stack([arrays[k] for k in keys])).float(), self.size)
+        return {k: stacked[i:i + 1] for i, k in enumerate(keys)}
+
+    def __getitem__(self, index: int) -> dict:
+        maps = self.maps(index)
+        flip = self.hflip and bool(torch.rand(()) < 0.5)  # torch RNG: seeded per loader worker
+        item = {k: to_model(v.flip(-1) if flip else v) for k, v in maps.items()}
+        map_id, tx = self.locate(index)
+        item["name"] = f"{map_id}_{tx}"
+        return item

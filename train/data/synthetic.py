@@ -1,0 +1,235 @@
+"""Synthetic radio maps from a small physical model, so everything runs with no download.
+
+A city is a (possibly rotated) grid of blocks separated by streets; each block holds a
+rectangular building, split by alleys, cut to an L, or built around a courtyard, or stays open.
+A transmitter stands in a street. The path gain is RadioMapSeer's: 1 m pixels at 5.9 GHz,
+log-distance loss from the transmitter plus a fixed loss per building wall on the straight
+path, softened at shadow edges (a stand-in for diffraction), clipped to [-147, -47] dB and
+scaled to [0, 1] (gray 0..255 in the PNGs), 0 inside buildings. Walls are counted on rays cast
+from the transmitter (polar grid), so one map costs O(H*W) numpy work.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model.io import write_png
+
+from .base import RadioMapDataset, Size
+
+NATIVE_SIZE = 256
+GAIN_MAX_DB, GAIN_MIN_DB = -47.0, -147.0  # RadioMapSeer's gray 255 and gray 0
+SPEED_OF_LIGHT = 299_792_458.0
+
+
+@dataclass(frozen=True)
+class Propagation:
+    """The channel model's constants."""
+    frequency_hz: float = 5.9e9
+    metres_per_pixel: float = 1.0
+    exponent: float = 2.0  # log-distance exponent up to the breakpoint (2 = free space)
+    far_exponent: float = 4.0  # past the two-ray breakpoint 4 * h_tx * h_rx / wavelength
+    antenna_height_m: float = 1.5  # transmitter and receiver, as in RadioMapSeer
+    wall_loss_db: float = 10.0  # per wall crossed; a building costs two
+    max_walls: int = 6  # past this much concrete the signal arrives around, not through
+    diffraction_px: int = 3  # box-blur radius of the wall loss: soft shadow edges
+    rays: int = 2048  # angular resolution of the wall count
+
+
+def _lattice(rng: np.random.Generator, half: float) -> tuple[np.ndarray, np.ndarray]:
+    """Block starts and lengths along one axis of the street grid, covering [-half, half]."""
+    starts, lengths = [], []
+    pos = -half - rng.uniform(0, 40)
+    while pos < half:
+        pos += rng.uniform(6, 20)  # street
+        length = rng.uniform(20, 60)
+        starts.append(pos)
+        lengths.append(length)
+        pos += length
+    return np.array(starts), np.array(lengths)
+
+
+def _locate(coord: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
+    """Block index, position inside the block, and whether the point is in a block at all."""
+    idx = np.clip(np.searchsorted(starts, coord, side="right") - 1, 0, len(starts) - 1)
+    local = coord - starts[idx]
+    return idx, local, (local >= 0) & (local < lengths[idx])
+
+
+def random_city(rng: np.random.Generator, size: int = NATIVE_SIZE) -> np.ndarray:
+    """A bool [size, size] building mask: a random street grid with varied buildings."""
+    theta = rng.uniform(-np.pi / 4, np.pi / 4) if rng.random() < 0.7 else 0.0
+    y, x = np.mgrid[0:size, 0:size] - (size - 1) / 2.0
+    u = np.cos(theta) * x + np.sin(theta) * y
+    v = -np.sin(theta) * x + np.cos(theta) * y
+    half = size * 0.75
+    (su, lu_len), (sv, lv_len) = _lattice(rng, half), _lattice(rng, half)
+    iu, lu, in_u = _locate(u, su, lu_len)
+    iv, lv, in_v = _locate(v, sv, lv_len)
+    shape = (len(su), len(sv))
+    bu, bv = lu_len[iu], lv_len[iv]  # block extents per pixel
+
+    margin = rng.uniform(0, 6, shape)[iu, iv]
+    solid = in_u & in_v & (rng.random(shape) > 0.15)[iu, iv]
+    solid &= (lu >= margin) & (lu < bu - margin) & (lv >= margin) & (lv < bv - margin)
+
+    # alleys: split the block into k pieces along one axis
+    split_axis_u = (rng.random(shape) < 0.5)[iu, iv]
+    pieces = rng.integers(1, 4, shape)[iu, iv]
+    gap = rng.uniform(3, 7, shape)[iu, iv]
+    along = np.where(split_axis_u, lu, lv) - margin
+    extent = np.where(split_axis_u, bu, bv) - 2 * margin
+    piece = extent / pieces
+    alley = (np.mod(along, piece) > piece - gap) & (along < extent - piece)
+    solid &= ~(alley & (rng.random(shape) < 0.5)[iu, iv])
+
+    # L-shapes: cut one corner
+    fu, fv = rng.uniform(0.35, 0.65, shape)[iu, iv], rng.uniform(0.35, 0.65, shape)[iu, iv]
+    flip_u, flip_v = (rng.random(shape) < 0.5)[iu, iv], (rng.random(shape) < 0.5)[iu, iv]
+    cu = np.where(flip_u, bu - lu, lu) > fu * bu
+    cv = np.where(flip_v, bv - lv, lv) > fv * bv
+    solid &= ~(cu & cv & (rng.random(shape) < 0.3)[iu, iv])
+
+    # courtyards in big blocks
+    wall = rng.uniform(7, 12, shape)[iu, iv]
+    inner = (lu > margin + wall) & (lu < bu - margin - wall)
+    inner &= (lv > margin + wall) & (lv < bv - margin - wall)
+    courtyard = (rng.random(shape) < 0.25)[iu, iv] & (bu > 40) & (bv > 40)
+    return solid & ~(inner & courtyard)
+
+
+def place_transmitter(rng: np.random.Generator, buildings: np.ndarray) -> tuple[int, int]:
+    """A uniformly random (row, col) outside the buildings."""
+    free = np.flatnonzero(~buildings)
+    if free.size == 0:
+        raise ValueError("the city has no free pixel for a transmitter")
+    row, col = np.unravel_index(rng.choice(free), buildings.shape)
+    return int(row), int(col)
+
+
+def _box_blur(x: np.ndarray, radius: int) -> np.ndarray:
+    """Mean over a (2r+1)^2 window, edges replicated; separable cumulative sums."""
+    if radius < 1:
+        return x
+    k = 2 * radius + 1
+    for axis in (0, 1):
+        pad = [(0, 0), (0, 0)]
+        pad[axis] = (radius + 1, radius)
+        c = np.cumsum(np.pad(x, pad, mode="edge"), axis=axis)
+        n = x.shape[axis]
+        x = (np.take(c, range(k, k + n), axis=axis) - np.take(c, range(0, n), axis=axis)) / k
+    return x
+
+
+def wall_crossings(buildings: np.ndarray, tx: tuple[int, int], rays: int = 2048) -> np.ndarray:
+    """Per pixel, how many building walls the straight path from `tx` crosses (int [H, W])."""
+    h, w = buildings.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    dy, dx = yy - tx[0], xx - tx[1]
+    dist = np.hypot(dy, dx)
+    angles = np.arange(rays) * (2 * np.pi / rays)
+    radii = np.arange(int(np.ceil(dist.max())) + 1)
+    sy = np.rint(tx[0] + np.outer(np.sin(angles), radii)).astype(np.int64)
+    sx = np.rint(tx[1] + np.outer(np.cos(angles), radii)).astype(np.int64)
+    inside = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
+    on_ray = np.zeros(sy.shape, dtype=bool)
+    on_ray[inside] = buildings[sy[inside], sx[inside]]
+    crossings = np.zeros(sy.shape, dtype=np.int32)
+    np.cumsum(on_ray[:, 1:] != on_ray[:, :-1], axis=1, out=crossings[:, 1:])
+    ray = np.rint(np.arctan2(dy, dx) * (rays / (2 * np.pi))).astype(np.int64) % rays
+    walls = crossings[ray, np.rint(dist).astype(np.int64)]
+    # an outdoor pixel sees whole buildings; an odd count is a ray grazing a corner
+    return np.where(buildings, walls, walls - walls % 2)
+
+
+def distance_loss_db(dist_m: np.ndarray, prop: Propagation = Propagation()) -> np.ndarray:
+    """Dual-slope log-distance loss: free space from 1 m, a steeper slope past the breakpoint."""
+    wavelength = SPEED_OF_LIGHT / prop.frequency_hz
+    ref_db = 20 * np.log10(4 * np.pi / wavelength)  # free-space loss at 1 m
+    breakpoint_m = 4 * prop.antenna_height_m ** 2 / wavelength
+    near = 10 * prop.exponent * np.log10(np.minimum(dist_m, breakpoint_m))
+    far = 10 * prop.far_exponent * np.log10(np.maximum(dist_m / breakpoint_m, 1.0))
+    return ref_db + near + far
+
+
+def path_gain_db(buildings: np.ndarray, tx: tuple[int, int],
+                 prop: Propagation = Propagation()) -> np.ndarray:
+    """Path gain in dB at every pixel (not clipped; meaningless inside buildings)."""
+    h, w = buildings.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist_m = np.maximum(np.hypot(yy - tx[0], xx - tx[1]), 1.0) * prop.metres_per_pixel
+    distance_db = distance_loss_db(dist_m, prop)
+    walls = np.minimum(wall_crossings(buildings, tx, prop.rays), prop.max_walls)
+    wall_db = _box_blur(walls * prop.wall_loss_db, prop.diffraction_px)
+    return -(distance_db + wall_db)
+
+
+def path_gain(buildings: np.ndarray, tx: tuple[int, int],
+              prop: Propagation = Propagation()) -> np.ndarray:
+    """RadioMapSeer-scaled gain: float32 [H, W] in [0, 1], 0 inside buildings."""
+    gain = (path_gain_db(buildings, tx, prop) - GAIN_MIN_DB) / (GAIN_MAX_DB - GAIN_MIN_DB)
+    gain = np.clip(gain, 0.0, 1.0)
+    gain[buildings] = 0.0
+    return gain.astype(np.float32)
+
+
+def city(seed: int, map_id: int, size: int = NATIVE_SIZE) -> np.ndarray:
+    """The building mask of synthetic map `map_id` (deterministic from `seed`)."""
+    return random_city(np.random.default_rng([seed, map_id]), size)
+
+
+def sample(seed: int, map_id: int, tx: int, buildings: np.ndarray | None = None,
+           prop: Propagation = Propagation()) -> dict[str, np.ndarray]:
+    """Transmitter `tx` of map `map_id`: `image` (gain), `buildings`, `tx`, on 8-bit levels."""
+    if buildings is None:
+        buildings = city(seed, map_id)
+    pos = place_transmitter(np.random.default_rng([seed, map_id, 1 + tx]), buildings)
+    tx_image = np.zeros(buildings.shape, dtype=np.float32)
+    tx_image[pos] = 1.0
+    gain = np.round(path_gain(buildings, pos, prop) * 255.0) / 255.0  # as the PNGs store it
+    return {"image": gain.astype(np.float32), "buildings": buildings.astype(np.float32),
+            "tx": tx_image}
+
+
+class SyntheticRadioMaps(RadioMapDataset):
+    """Synthetic maps generated on first use and kept in memory (per DataLoader worker)."""
+
+    def __init__(self, map_ids: list[int], num_tx: int, image_size: Size = "native",
+                 hflip: bool = False, seed: int = 42):
+        super().__init__(map_ids, num_tx, image_size, hflip)
+        self.seed = seed
+        self._cities: dict[int, np.ndarray] = {}
+        self._items: dict[int, dict[str, torch.Tensor]] = {}
+
+    def load(self, map_id: int, tx: int) -> dict[str, np.ndarray]:
+        if map_id not in self._cities:
+            self._cities[map_id] = city(self.seed, map_id)
+        return sample(self.seed, map_id, tx, self._cities[map_id])
+
+    def maps(self, index: int) -> dict[str, torch.Tensor]:
+        if index not in self._items:
+            self._items[index] = super().maps(index)
+        return self._items[index]
+
+
+def write_radiomapseer(out: str | Path, num_maps: int, num_tx: int, seed: int = 42) -> int:
+    """Write maps 1..num_maps in RadioMapSeer's layout (gain/DPM only); returns files written."""
+    out = Path(out)
+    dirs = {k: out / d for k, d in
+            {"buildings": "png/buildings_complete", "tx": "png/antennas", "image": "gain/DPM"}.items()}
+    for d in dirs.values():
+        d.mkdir(parents=True, exist_ok=True)
+    written = 0
+    for map_id in range(1, num_maps + 1):
+        buildings = city(seed, map_id)
+        write_png(dirs["buildings"] / f"{map_id}.png", buildings.astype(np.float32))
+        for tx in range(num_tx):
+            item = sample(seed, map_id, tx, buildings)
+            write_png(dirs["tx"] / f"{map_id}_{tx}.png", item["tx"])
+            write_png(dirs["image"] / f"{map_id}_{tx}.png", item["image"])
+            written += 2
+        written += 1
+    return written
