@@ -7,6 +7,7 @@ network the same map is (x - 0.5) / 0.5, in [-1, 1].
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
@@ -102,10 +103,31 @@ def decode_npy(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """`.npy` bytes -> array, without pickles and within a byte limit."""
     if len(data) > max_bytes:
         raise RadioMapError(f"npy payload is {len(data)} bytes; the limit is {max_bytes}")
+    buf = io.BytesIO(data)
     try:
-        return np.load(io.BytesIO(data), allow_pickle=False)
+        _check_npy_header(buf, len(data))
+        buf.seek(0)
+        return np.load(buf, allow_pickle=False)
     except (ValueError, OSError, EOFError) as err:
         raise RadioMapError(f"not a readable .npy array: {err}") from None
+
+
+def _check_npy_header(buf: io.BytesIO, size: int) -> None:
+    # np.load allocates what the header claims before reading the data: a 100-byte payload
+    # claiming terabytes would exhaust memory, so the claim must match the bytes present.
+    version = np.lib.format.read_magic(buf)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
+    elif version == (2, 0):
+        shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
+    else:
+        raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    if dtype.hasobject:
+        raise ValueError("object arrays are refused (they need pickle)")
+    claimed = math.prod(shape) * dtype.itemsize
+    if claimed != size - buf.tell():
+        raise ValueError(f"the header declares shape {shape} of {dtype} ({claimed} bytes) but "
+                         f"{size - buf.tell()} data bytes follow")
 
 
 def encode_npy(x: np.ndarray) -> bytes:
