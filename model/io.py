@@ -24,17 +24,21 @@ class RadioMapError(ValueError):
     """A radio map (PNG, npy, or array) is malformed or out of range; the message says why."""
 
 
+class RadioMapTooLarge(RadioMapError):
+    """A payload exceeds a byte or pixel limit (so a server can answer 413, not 400)."""
+
+
 def decode_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
                max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """PNG bytes (8- or 16-bit grayscale) -> float32 [H, W] in [0, 1]."""
     if len(data) > max_bytes:
-        raise RadioMapError(f"PNG is {len(data)} bytes; the limit is {max_bytes}")
+        raise RadioMapTooLarge(f"PNG is {len(data)} bytes; the limit is {max_bytes}")
     try:
         with Image.open(io.BytesIO(data), formats=["PNG"]) as im:
             width, height = im.size
             if width * height > max_pixels:  # checked from the header, before decoding
-                raise RadioMapError(f"PNG is {width}x{height} = {width * height} pixels; "
-                                    f"the limit is {max_pixels}")
+                raise RadioMapTooLarge(f"PNG is {width}x{height} = {width * height} pixels; "
+                                       f"the limit is {max_pixels}")
             mode = im.mode
             im.load()
             arr = np.asarray(im)
@@ -102,7 +106,7 @@ def check_map(x: np.ndarray, ndim: int | None = None) -> np.ndarray:
 def decode_npy(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
     """`.npy` bytes -> array, without pickles and within a byte limit."""
     if len(data) > max_bytes:
-        raise RadioMapError(f"npy payload is {len(data)} bytes; the limit is {max_bytes}")
+        raise RadioMapTooLarge(f"npy payload is {len(data)} bytes; the limit is {max_bytes}")
     buf = io.BytesIO(data)
     try:
         _check_npy_header(buf, len(data))
