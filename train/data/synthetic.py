@@ -35,7 +35,7 @@ class Propagation:
     antenna_height_m: float = 1.5  # transmitter and receiver, as in RadioMapSeer
     wall_loss_db: float = 10.0  # per wall crossed; a building costs two
     max_walls: int = 6  # past this much concrete the signal arrives around, not through
-    diffraction_px: int = 3  # box-blur radius of the wall loss: soft shadow edges
+    diffraction_px: int = 8  # reach of the shadow-edge softening
     rays: int = 2048  # angular resolution of the wall count
 
 
@@ -162,8 +162,12 @@ def path_gain_db(buildings: np.ndarray, tx: tuple[int, int],
     yy, xx = np.mgrid[0:h, 0:w]
     dist_m = np.maximum(np.hypot(yy - tx[0], xx - tx[1]), 1.0) * prop.metres_per_pixel
     distance_db = distance_loss_db(dist_m, prop)
-    walls = np.minimum(wall_crossings(buildings, tx, prop.rays), prop.max_walls)
-    wall_db = _box_blur(walls * prop.wall_loss_db, prop.diffraction_px)
+    walls = wall_crossings(buildings, tx, prop.rays)
+    walls = np.minimum(walls + (walls % 2), prop.max_walls)  # indoors counts as shadow
+    wall_db = walls * prop.wall_loss_db
+    # diffraction lights shadow edges from the lit side; it never darkens line of sight
+    soft = _box_blur(_box_blur(wall_db, prop.diffraction_px), prop.diffraction_px)
+    wall_db = np.minimum(wall_db, soft)
     return -(distance_db + wall_db)
 
 
