@@ -4,7 +4,7 @@ import torch
 
 from model.io import to_model
 from train.config import DataConfig, load_config
-from train.data import build_dataset, build_loader
+from train.data import SyntheticRadioMaps, build_dataset, build_loader
 from train.data.__main__ import main as data_cli
 from train.data.synthetic import (Propagation, city, path_gain, path_gain_db, sample,
                                   wall_crossings)
@@ -79,8 +79,10 @@ def test_synthetic_dataset_items_follow_the_contract():
     for key in ("image", "buildings", "tx"):
         assert item[key].shape == (1, 64, 48) and item[key].dtype == torch.float32
         assert -1.0 <= item[key].min() and item[key].max() <= 1.0
-    again = build_dataset(cfg, "train")[3]  # a fresh dataset regenerates the same map
-    assert torch.equal(again["image"], item["image"])
+    assert train.cached and torch.equal(train[3]["image"], item["image"])
+    uncached = SyntheticRadioMaps(train.map_ids, 2, [64, 48], seed=cfg.seed, cache_bytes=0)
+    assert not uncached.cached  # too big to keep: regenerated on each access, same values
+    assert torch.equal(uncached[3]["image"], item["image"])
     native = build_dataset(DataConfig(name="synthetic", num_maps=8, num_tx=2,
                                       image_size="native"), "train")[3]
     expected = sample(cfg.seed, train.map_ids[1], 1)["image"]

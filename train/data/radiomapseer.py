@@ -35,6 +35,8 @@ class RadioMapSeer(RadioMapDataset):
     def __init__(self, root: str | Path, map_ids: list[int], num_tx: int = 80,
                  simulation: str = "DPM", cars: bool = False, image_size: Size = "native",
                  hflip: bool = False):
+        if not root:
+            raise DataError(f"data.root: the RadioMapSeer folder is required; {LAYOUT}")
         if simulation not in MAX_TX:
             raise ValueError(f"data.simulation must be one of {list(MAX_TX)}, got {simulation!r}")
         if num_tx > MAX_TX[simulation]:

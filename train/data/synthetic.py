@@ -199,12 +199,15 @@ def sample(seed: int, map_id: int, tx: int, buildings: np.ndarray | None = None,
 
 
 class SyntheticRadioMaps(RadioMapDataset):
-    """Synthetic maps generated on first use and kept in memory (per DataLoader worker)."""
+    """Synthetic maps generated on first use; kept in memory (per DataLoader worker) when the
+    whole split fits in `cache_bytes`, else regenerated on every access (same values)."""
 
     def __init__(self, map_ids: list[int], num_tx: int, image_size: Size = "native",
-                 hflip: bool = False, seed: int = 42):
+                 hflip: bool = False, seed: int = 42, cache_bytes: int = 512 * 2 ** 20):
         super().__init__(map_ids, num_tx, image_size, hflip)
         self.seed = seed
+        height, width = self.size or (NATIVE_SIZE, NATIVE_SIZE)
+        self.cached = len(self) * 3 * height * width * 4 <= cache_bytes
         self._cities: dict[int, np.ndarray] = {}
         self._items: dict[int, dict[str, torch.Tensor]] = {}
 
@@ -214,6 +217,8 @@ class SyntheticRadioMaps(RadioMapDataset):
         return sample(self.seed, map_id, tx, self._cities[map_id])
 
     def maps(self, index: int) -> dict[str, torch.Tensor]:
+        if not self.cached:
+            return super().maps(index)
         if index not in self._items:
             self._items[index] = super().maps(index)
         return self._items[index]
