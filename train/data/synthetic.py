@@ -62,42 +62,45 @@ def _locate(coord: np.ndarray, starts: np.ndarray, lengths: np.ndarray):
 def random_city(rng: np.random.Generator, size: int = NATIVE_SIZE) -> np.ndarray:
     """A bool [size, size] building mask: a random street grid with varied buildings."""
     theta = rng.uniform(-np.pi / 4, np.pi / 4) if rng.random() < 0.7 else 0.0
-    y, x = np.mgrid[0:size, 0:size] - (size - 1) / 2.0
+    y, x = np.mgrid[0:size, 0:size].astype(np.float32) - (size - 1) / 2.0
     u = np.cos(theta) * x + np.sin(theta) * y
     v = -np.sin(theta) * x + np.cos(theta) * y
     half = size * 0.75
     (su, lu_len), (sv, lv_len) = _lattice(rng, half), _lattice(rng, half)
     iu, lu, in_u = _locate(u, su, lu_len)
     iv, lv, in_v = _locate(v, sv, lv_len)
-    shape = (len(su), len(sv))
-    bu, bv = lu_len[iu], lv_len[iv]  # block extents per pixel
+    block = iu * len(sv) + iv
+    n = len(su) * len(sv)
 
-    margin = rng.uniform(0, 6, shape)[iu, iv]
-    solid = in_u & in_v & (rng.random(shape) > 0.15)[iu, iv]
+    def per_block(values: np.ndarray) -> np.ndarray:
+        """One random value per block, looked up at every pixel."""
+        return values[block]
+
+    bu, bv = lu_len[iu], lv_len[iv]  # block extents per pixel
+    margin = per_block(rng.uniform(0, 6, n))
+    solid = in_u & in_v & per_block(rng.random(n) > 0.15)
     solid &= (lu >= margin) & (lu < bu - margin) & (lv >= margin) & (lv < bv - margin)
 
     # alleys: split the block into k pieces along one axis
-    split_axis_u = (rng.random(shape) < 0.5)[iu, iv]
-    pieces = rng.integers(1, 4, shape)[iu, iv]
-    gap = rng.uniform(3, 7, shape)[iu, iv]
-    along = np.where(split_axis_u, lu, lv) - margin
-    extent = np.where(split_axis_u, bu, bv) - 2 * margin
-    piece = extent / pieces
+    split_u = per_block(rng.random(n) < 0.5)
+    piece_count, gap = per_block(rng.integers(1, 4, n)), per_block(rng.uniform(3, 7, n))
+    along = np.where(split_u, lu, lv) - margin
+    extent = np.where(split_u, bu, bv) - 2 * margin
+    piece = extent / piece_count
     alley = (np.mod(along, piece) > piece - gap) & (along < extent - piece)
-    solid &= ~(alley & (rng.random(shape) < 0.5)[iu, iv])
+    solid &= ~(alley & per_block(rng.random(n) < 0.5))
 
     # L-shapes: cut one corner
-    fu, fv = rng.uniform(0.35, 0.65, shape)[iu, iv], rng.uniform(0.35, 0.65, shape)[iu, iv]
-    flip_u, flip_v = (rng.random(shape) < 0.5)[iu, iv], (rng.random(shape) < 0.5)[iu, iv]
-    cu = np.where(flip_u, bu - lu, lu) > fu * bu
-    cv = np.where(flip_v, bv - lv, lv) > fv * bv
-    solid &= ~(cu & cv & (rng.random(shape) < 0.3)[iu, iv])
+    fu, fv = per_block(rng.uniform(0.35, 0.65, n)), per_block(rng.uniform(0.35, 0.65, n))
+    flip_u, flip_v = per_block(rng.random(n) < 0.5), per_block(rng.random(n) < 0.5)
+    corner = (np.where(flip_u, bu - lu, lu) > fu * bu) & (np.where(flip_v, bv - lv, lv) > fv * bv)
+    solid &= ~(corner & per_block(rng.random(n) < 0.3))
 
     # courtyards in big blocks
-    wall = rng.uniform(7, 12, shape)[iu, iv]
+    wall = per_block(rng.uniform(7, 12, n))
     inner = (lu > margin + wall) & (lu < bu - margin - wall)
     inner &= (lv > margin + wall) & (lv < bv - margin - wall)
-    courtyard = (rng.random(shape) < 0.25)[iu, iv] & (bu > 40) & (bv > 40)
+    courtyard = per_block(rng.random(n) < 0.25) & (bu > 40) & (bv > 40)
     return solid & ~(inner & courtyard)
 
 
@@ -127,20 +130,19 @@ def _box_blur(x: np.ndarray, radius: int) -> np.ndarray:
 def wall_crossings(buildings: np.ndarray, tx: tuple[int, int], rays: int = 2048) -> np.ndarray:
     """Per pixel, how many building walls the straight path from `tx` crosses (int [H, W])."""
     h, w = buildings.shape
-    yy, xx = np.mgrid[0:h, 0:w]
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     dy, dx = yy - tx[0], xx - tx[1]
     dist = np.hypot(dy, dx)
-    angles = np.arange(rays) * (2 * np.pi / rays)
-    radii = np.arange(int(np.ceil(dist.max())) + 1)
-    sy = np.rint(tx[0] + np.outer(np.sin(angles), radii)).astype(np.int64)
-    sx = np.rint(tx[1] + np.outer(np.cos(angles), radii)).astype(np.int64)
-    inside = (sy >= 0) & (sy < h) & (sx >= 0) & (sx < w)
-    on_ray = np.zeros(sy.shape, dtype=bool)
-    on_ray[inside] = buildings[sy[inside], sx[inside]]
-    crossings = np.zeros(sy.shape, dtype=np.int32)
+    angles = np.arange(rays, dtype=np.float32) * np.float32(2 * np.pi / rays)
+    radii = np.arange(int(np.ceil(dist.max())) + 1, dtype=np.float32)
+    # sample every ray at every radius; a 1-pixel free border stands for "off the map"
+    sy = np.clip(np.rint(tx[0] + 1 + np.outer(np.sin(angles), radii)), 0, h + 1).astype(np.intp)
+    sx = np.clip(np.rint(tx[1] + 1 + np.outer(np.cos(angles), radii)), 0, w + 1).astype(np.intp)
+    on_ray = np.pad(buildings, 1).ravel()[sy * (w + 2) + sx]
+    crossings = np.zeros(on_ray.shape, dtype=np.int32)
     np.cumsum(on_ray[:, 1:] != on_ray[:, :-1], axis=1, out=crossings[:, 1:])
-    ray = np.rint(np.arctan2(dy, dx) * (rays / (2 * np.pi))).astype(np.int64) % rays
-    walls = crossings[ray, np.rint(dist).astype(np.int64)]
+    ray = np.rint(np.arctan2(dy, dx) * (rays / (2 * np.pi))).astype(np.intp) % rays
+    walls = crossings[ray, np.rint(dist).astype(np.intp)]
     # an outdoor pixel sees whole buildings; an odd count is a ray grazing a corner
     return np.where(buildings, walls, walls - walls % 2)
 
