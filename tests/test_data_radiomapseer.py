@@ -143,20 +143,33 @@ def test_corrupt_png_is_named_when_read(tree, tmp_path):
 
 def test_hflip_only_in_training_and_consistent_across_channels(tree):
     train = build_dataset(_cfg(tree, hflip=True, image_size=64), "train")
-    plain = build_dataset(_cfg(tree, image_size=64), "train")
-    ref = plain[0]
-    torch.manual_seed(0)
-    flips = set()
-    for _ in range(12):
+    ref = build_dataset(_cfg(tree, image_size=64), "train")[0]
+    flips = []
+    for epoch in range(12):
+        train.set_epoch(epoch)
         item = train[0]
         flipped = torch.equal(item["image"], ref["image"].flip(-1))
         assert flipped or torch.equal(item["image"], ref["image"])
         for key in ("buildings", "tx"):
             assert torch.equal(item[key], ref[key].flip(-1) if flipped else ref[key])
-        flips.add(flipped)
-    assert flips == {True, False}
+        assert torch.equal(train[0]["image"], item["image"])  # fixed within an epoch
+        flips.append(flipped)
+    assert set(flips) == {True, False}
     val = build_dataset(_cfg(tree, hflip=True, image_size=64), "val")
     assert torch.equal(val[0]["image"], build_dataset(_cfg(tree, image_size=64), "val")[0]["image"])
+
+
+def test_flips_do_not_depend_on_workers_or_on_resuming(tree):
+    ds = build_dataset(_cfg(tree, hflip=True, image_size=16), "train")
+
+    def two_epochs(num_workers, start=0):
+        loader = build_loader(ds, batch_size=7, seed=5, num_workers=num_workers)
+        loader.sampler.set_epoch(start)
+        return [torch.cat([b["image"] for b in loader]) for _ in range(2 - start)]
+
+    serial = two_epochs(0)
+    assert all(torch.equal(a, b) for a, b in zip(serial, two_epochs(2)))
+    assert torch.equal(two_epochs(0, start=1)[0], serial[1])  # resumed at epoch 1
 
 
 def _names(loader):

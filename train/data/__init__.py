@@ -29,4 +29,4 @@ def build_dataset(cfg: DataConfig, split: str) -> RadioMapDataset:
     if cfg.name == "synthetic":
         return SyntheticRadioMaps(map_ids, cfg.num_tx, cfg.image_size, hflip, cfg.seed)
     return RadioMapSeer(cfg.root, map_ids, cfg.num_tx, cfg.simulation, cfg.cars,
-                        cfg.image_size, hflip)
+                        cfg.image_size, hflip, cfg.seed)

@@ -37,14 +37,28 @@ class RadioMapDataset(Dataset, ABC):
     """Items `{"image", "buildings", "tx", "name"}` in [-1, 1]; subclasses say how to `load`.
 
     Item i is transmitter `i % num_tx` of map `map_ids[i // num_tx]` (upstream's order).
+    With `hflip`, whether item i is flipped is a function of (seed, epoch, i) alone, so it does
+    not depend on worker count or on where a resumed run restarted; the loader's sampler sets
+    the epoch.
     """
 
     def __init__(self, map_ids: list[int], num_tx: int, image_size: Size = "native",
-                 hflip: bool = False):
+                 hflip: bool = False, seed: int = 42):
         self.map_ids = list(map_ids)
         self.num_tx = num_tx
         self.size = resolve_size(image_size)
         self.hflip = hflip
+        self.seed = seed
+        self._epoch = torch.zeros((), dtype=torch.int64).share_memory_()  # seen by workers
+
+    def set_epoch(self, epoch: int) -> None:
+        self._epoch.fill_(epoch)
+
+    def flipped(self, index: int) -> bool:
+        """Whether item `index` is mirrored in the current epoch."""
+        if not self.hflip:
+            return False
+        return bool(np.random.default_rng([self.seed, int(self._epoch), index]).random() < 0.5)
 
     def __len__(self) -> int:
         return len(self.map_ids) * self.num_tx
@@ -68,7 +82,7 @@ class RadioMapDataset(Dataset, ABC):
 
     def __getitem__(self, index: int) -> dict:
         maps = self.maps(index)
-        flip = self.hflip and bool(torch.rand(()) < 0.5)  # torch RNG: seeded per loader worker
+        flip = self.flipped(index)
         item = {k: to_model(v.flip(-1) if flip else v) for k, v in maps.items()}
         map_id, tx = self.locate(index)
         item["name"] = f"{map_id}_{tx}"

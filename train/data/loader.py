@@ -22,6 +22,9 @@ class EpochSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         indices = super().__iter__()  # drawn now from (seed, epoch)
+        set_epoch = getattr(self.dataset, "set_epoch", None)
+        if set_epoch is not None:  # per-epoch augmentation (RadioMapDataset's flips)
+            set_epoch(self.epoch)
         self.epoch += 1
         return indices
 
@@ -42,5 +45,5 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: 
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         drop_last=drop_last, pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(seed),  # seeds the workers' torch RNG (hflip)
+        generator=torch.Generator().manual_seed(seed),  # seeds the workers' RNGs
     )

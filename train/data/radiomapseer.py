@@ -34,7 +34,7 @@ class RadioMapSeer(RadioMapDataset):
 
     def __init__(self, root: str | Path, map_ids: list[int], num_tx: int = 80,
                  simulation: str = "DPM", cars: bool = False, image_size: Size = "native",
-                 hflip: bool = False):
+                 hflip: bool = False, seed: int = 42):
         if not root:
             raise DataError(f"data.root: the RadioMapSeer folder is required; {LAYOUT}")
         if simulation not in MAX_TX:
@@ -42,7 +42,7 @@ class RadioMapSeer(RadioMapDataset):
         if num_tx > MAX_TX[simulation]:
             raise ValueError(f"data.num_tx={num_tx}: {simulation} has {MAX_TX[simulation]} "
                              f"transmitters per map; set data.num_tx <= {MAX_TX[simulation]}")
-        super().__init__(map_ids, num_tx, image_size, hflip)
+        super().__init__(map_ids, num_tx, image_size, hflip, seed)
         self.root = Path(root)
         self.dirs = {
             "image": self.root / "gain" / (f"cars{simulation}" if cars else simulation),

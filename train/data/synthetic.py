@@ -206,8 +206,7 @@ class SyntheticRadioMaps(RadioMapDataset):
 
     def __init__(self, map_ids: list[int], num_tx: int, image_size: Size = "native",
                  hflip: bool = False, seed: int = 42, cache_bytes: int = 512 * 2 ** 20):
-        super().__init__(map_ids, num_tx, image_size, hflip)
-        self.seed = seed
+        super().__init__(map_ids, num_tx, image_size, hflip, seed)
         height, width = self.size or (NATIVE_SIZE, NATIVE_SIZE)
         self.cached = len(self) * 3 * height * width * 4 <= cache_bytes
         self._cities: dict[int, np.ndarray] = {}
