@@ -8,6 +8,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from PIL import Image
 
+from model.config import ConfigError
 from model.io import read_png, to_model
 from train.config import DataConfig
 from train.data import DataError, build_dataset, build_loader
@@ -58,8 +59,8 @@ def test_items_are_the_files_scaled_to_minus_one_one(tree):
         assert torch.equal(item[key][0], to_model(read_png(tree / rel)))
     gain = item["image"]
     assert gain.min() >= -1 and gain.max() <= 1
-    assert torch.equal(gain, (torch.from_numpy(
-        np.asarray(Image.open(tree / expected["image"]), dtype=np.float32)) / 255 - 0.5)[None] / 0.5)
+    pixels = np.asarray(Image.open(tree / expected["image"]), dtype=np.float32)
+    assert torch.equal(gain[0], (torch.from_numpy(pixels) / 255 - 0.5) / 0.5)  # pixel / 255
 
 
 @pytest.mark.parametrize("simulation, cars, folder", [
@@ -76,7 +77,7 @@ def test_simulation_and_cars_pick_their_folder(tree, simulation, cars, folder):
 
 
 def test_irt4_has_two_transmitters(tree):
-    with pytest.raises(ValueError, match=r"num_tx=3: IRT4 has 2 transmitters"):
+    with pytest.raises(ConfigError, match=r"num_tx=3: IRT4 has 2 transmitters"):
         build_dataset(_cfg(tree, simulation="IRT4"), "train")
 
 
@@ -103,6 +104,12 @@ def test_full_dataset_splits_match_upstream_definitions():
     assert [len(ours[s]) for s in ("train", "val", "test")] == [501, 99, 100]
     assert ours["train"] == files[:501].tolist() and ours["test"] == up["test"]
     assert len(set().union(*ours.values())) == 700 and 0 not in set().union(*ours.values())
+
+
+def test_too_few_maps_for_three_splits_is_a_config_error():
+    with pytest.raises(ConfigError, match=r"data.num_maps=5: the 'val' split would be empty"):
+        split_map_ids("val", "disjoint", num_maps=5)
+    assert len(split_map_ids("val", "disjoint", num_maps=6)) == 1
 
 
 @pytest.mark.parametrize("size, shape", [([64, 48], (64, 48)), (32, (32, 32)),
@@ -191,7 +198,7 @@ def test_loader_shuffles_deterministically_per_epoch(tree):
     assert _names(ordered) == [f"{m}_{t}" for m in ds.map_ids for t in range(NUM_TX)]
     batch = next(iter(a))
     assert batch["image"].shape == (4, 1, 32, 32) and batch["tx"].shape == (4, 1, 32, 32)
-    with pytest.raises(ValueError, match="cannot fill one batch of 64"):
+    with pytest.raises(ConfigError, match="cannot fill one batch of 64"):
         build_loader(ds, batch_size=64)
 
 

@@ -1,6 +1,6 @@
 """Radio-map datasets (RadioMapSeer on disk, or synthetic) and their DataLoader.
 
-    ds = build_dataset(cfg.data, "train")   # items: image, buildings, tx ([1, H, W] in [-1, 1]), name
+    ds = build_dataset(cfg.data, "train")  # items: image, buildings, tx [1, H, W] in [-1, 1]; name
     loader = build_loader(ds, batch_size, shuffle=True, seed=42, num_workers=2, drop_last=True)
 """
 from __future__ import annotations

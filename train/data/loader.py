@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from model.config import ConfigError
+
 
 class EpochSampler(DistributedSampler):
     """DistributedSampler that also runs without torch.distributed (one replica) and advances
@@ -39,8 +41,8 @@ def build_loader(dataset: Dataset, batch_size: int, shuffle: bool = True, seed: 
         raise ValueError(f"batch_size must be a positive integer, got {batch_size}")
     sampler = EpochSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last)
     if drop_last and len(sampler) < batch_size:
-        raise ValueError(f"{len(sampler)} samples per process cannot fill one batch of "
-                         f"{batch_size} with drop_last; lower the batch size or add data")
+        raise ConfigError(f"{len(sampler)} samples per process cannot fill one batch of "
+                          f"{batch_size} with drop_last; lower trainer.batch_size or add data")
     return DataLoader(
         dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
         drop_last=drop_last, pin_memory=torch.cuda.is_available(),

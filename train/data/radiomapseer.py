@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
+from model.config import ConfigError
 from model.io import RadioMapError, read_png
 
 from .base import RadioMapDataset, Size
@@ -38,10 +39,11 @@ class RadioMapSeer(RadioMapDataset):
         if not root:
             raise DataError(f"data.root: the RadioMapSeer folder is required; {LAYOUT}")
         if simulation not in MAX_TX:
-            raise ValueError(f"data.simulation must be one of {list(MAX_TX)}, got {simulation!r}")
+            raise ConfigError(f"data.simulation must be one of {list(MAX_TX)}, "
+                              f"got {simulation!r}")
         if num_tx > MAX_TX[simulation]:
-            raise ValueError(f"data.num_tx={num_tx}: {simulation} has {MAX_TX[simulation]} "
-                             f"transmitters per map; set data.num_tx <= {MAX_TX[simulation]}")
+            raise ConfigError(f"data.num_tx={num_tx}: {simulation} has {MAX_TX[simulation]} "
+                              f"transmitters per map; set data.num_tx <= {MAX_TX[simulation]}")
         super().__init__(map_ids, num_tx, image_size, hflip, seed)
         self.root = Path(root)
         self.dirs = {

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from model.config import ConfigError
+
 SPLITS = ("train", "val", "test")
 UPSTREAM_MAPS = 700
 # [start, stop) positions in the shuffled order for 700 maps; scaled for other counts.
@@ -35,9 +37,9 @@ def split_map_ids(split: str, mode: str = "disjoint", num_maps: int = UPSTREAM_M
     if split not in SPLITS:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     if mode not in _BOUNDS:
-        raise ValueError(f"data.split must be one of {list(_BOUNDS)}, got {mode!r}")
+        raise ConfigError(f"data.split must be one of {list(_BOUNDS)}, got {mode!r}")
     start, stop = (round(b * num_maps / UPSTREAM_MAPS) for b in _BOUNDS[mode][split])
     if stop <= start:
-        raise ValueError(f"the {split!r} split is empty with data.num_maps={num_maps}; "
-                         f"use at least 8 maps")
+        raise ConfigError(f"data.num_maps={num_maps}: the {split!r} split would be empty; "
+                          f"use at least 6 maps")
     return [int(i) + 1 for i in shuffled_order(num_maps, seed)[start:stop]]

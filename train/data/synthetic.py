@@ -32,7 +32,7 @@ class Propagation:
     metres_per_pixel: float = 1.0
     exponent: float = 2.0  # log-distance exponent up to the breakpoint (2 = free space)
     far_exponent: float = 4.0  # past the two-ray breakpoint 4 * h_tx * h_rx / wavelength
-    antenna_height_m: float = 1.5  # transmitter and receiver, as in RadioMapSeer
+    antenna_height_m: float = 1.5  # transmitter and receiver (assumed)
     wall_loss_db: float = 10.0  # per wall crossed; a building costs two
     max_walls: int = 6  # past this much concrete the signal arrives around, not through
     diffraction_px: int = 8  # reach of the shadow-edge softening
@@ -228,8 +228,8 @@ class SyntheticRadioMaps(RadioMapDataset):
 def write_radiomapseer(out: str | Path, num_maps: int, num_tx: int, seed: int = 42) -> int:
     """Write maps 1..num_maps in RadioMapSeer's layout (gain/DPM only); returns files written."""
     out = Path(out)
-    dirs = {k: out / d for k, d in
-            {"buildings": "png/buildings_complete", "tx": "png/antennas", "image": "gain/DPM"}.items()}
+    dirs = {"buildings": out / "png/buildings_complete", "tx": out / "png/antennas",
+            "image": out / "gain/DPM"}
     for d in dirs.values():
         d.mkdir(parents=True, exist_ok=True)
     written = 0
