@@ -1,0 +1,75 @@
+"""torch.distributed set-up for torchrun / accelerate launches; a no-op on one process."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from model.config import ConfigError
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process stands: rank, world size and its device."""
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the only process that writes logs, samples and checkpoints."""
+        return self.rank == 0
+
+
+def pick_device(preference: str, local_rank: int) -> torch.device:
+    """`trainer.device` (auto | cpu | cuda) as a torch device for this process."""
+    if preference == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("trainer.device: 'cuda' was asked for but no CUDA GPU is visible; "
+                          "use trainer.device=cpu or auto")
+    if preference == "cpu" or not torch.cuda.is_available():
+        return torch.device("cpu")
+    torch.cuda.set_device(local_rank)
+    return torch.device("cuda", local_rank)
+
+
+def setup(preference: str = "auto") -> DistEnv:
+    """Join the process group when launched with WORLD_SIZE > 1 (env:// rendezvous)."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(preference, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return DistEnv(rank, world_size, device)
+
+
+def teardown(env: DistEnv) -> None:
+    if env.enabled and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce(tensor: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Tensor:
+    """In-place all-reduce ('sum' or 'max') across ranks; identity on one process."""
+    if env.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return tensor
+
+
+def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
+    """One picklable object per rank, in rank order."""
+    if not env.enabled:
+        return [obj]
+    out: list[Any] = [None] * env.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(env: DistEnv) -> None:
+    if env.enabled:
+        dist.barrier()

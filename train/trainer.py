@@ -1,0 +1,328 @@
+"""The two-phase VAE-GAN trainer.
+
+Each step: for `gradient_accumulate_every` micro-batches, the autoencoder's loss (reconstruction
++ KL, plus the adaptive GAN term in phase 2) and, in phase 2 only, the discriminator's loss are
+back-propagated; then both optimizers step (the critic only in phase 2), the lr schedulers
+advance and the EMA updates. Every `save_and_sample_every` steps the EMA weights are validated,
+a sample grid is drawn and `model-{milestone}.pt` is written atomically. Under torchrun the
+autoencoder and the critic are DDP-wrapped and rank 0 alone writes.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import torch
+import yaml
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from model.autoencoder import AutoencoderKL
+from model.checkpoint import (CheckpointError, latest_checkpoint, load_into, network_state_dict,
+                              read_checkpoint, save_checkpoint)
+from model.io import write_png
+from model.losses import LPIPSWithDiscriminator
+from train import distributed
+from train.config import RunConfig, dump_config
+from train.data import build_dataset, build_loader
+from train.ema import EMA
+from train.evaluate import means_from_sums, metric_sums, sample_grid
+from train.logging import RunLogger
+from train.schedule import lr_multiplier
+from train.signals import StopRequest
+from train.stream import BatchStream
+
+LOSS_PREFIX = "loss."
+
+
+class TrainingDiverged(RuntimeError):
+    """A loss term became NaN/Inf; the message names the step, the terms and the last checkpoint."""
+
+
+def milestone_path(run_dir: Path, milestone: int) -> Path:
+    return run_dir / f"model-{milestone}.pt"
+
+
+def checkpoint_to_resume(cfg: RunConfig, latest: bool = False) -> Path | None:
+    """`trainer.resume_milestone`'s file (which must exist), else with `latest` the newest
+    `model-N.pt` of the results folder, else None (a fresh start)."""
+    run_dir = Path(cfg.trainer.results_folder)
+    milestone = cfg.trainer.resume_milestone
+    if milestone is not None:
+        path = milestone_path(run_dir, milestone)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: trainer.resume_milestone is {milestone} but this "
+                                  "checkpoint does not exist")
+        return path
+    return latest_checkpoint(run_dir) if latest else None
+
+
+class Trainer:
+    """Builds the model, loss, optimizers and data from a RunConfig and trains it."""
+
+    def __init__(self, cfg: RunConfig, train_set: Dataset | None = None,
+                 val_set: Dataset | None = None):
+        self.cfg, tc = cfg, cfg.trainer
+        self.env = distributed.setup(tc.device)
+        self.device = self.env.device
+        self.run_dir = Path(tc.results_folder)
+        torch.manual_seed(tc.seed)  # identical initial weights on every rank
+        self.model = AutoencoderKL.from_config(cfg.model).to(self.device)
+        self.loss = LPIPSWithDiscriminator(cfg.model.lossconfig).to(self.device)
+        if cfg.model.ckpt_path:
+            self._init_from(cfg.model.ckpt_path)
+        torch.manual_seed(tc.seed + self.env.rank)
+        self.noise = torch.Generator(self.device).manual_seed(tc.seed + self.env.rank)
+        self.ae, self.critic = self._wrap(self.model), self._wrap(self.loss.discriminator)
+        ae_params = list(self.model.parameters())
+        if cfg.model.lossconfig.learn_logvar:
+            ae_params.append(self.loss.logvar)
+        self.opt_ae = torch.optim.AdamW(ae_params, lr=tc.lr)
+        self.opt_disc = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=tc.lr)
+        self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_multiplier(tc))
+        self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lr_multiplier(tc))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp and tc.fp16)
+        self.ema = EMA(self.model, tc.ema_decay, tc.ema_update_every, tc.ema_update_after_step)
+        self.step = 0
+        data = cfg.data
+        train_set = train_set if train_set is not None else build_dataset(data, "train")
+        val_set = val_set if val_set is not None else build_dataset(data, "val")
+        self.train_loader = build_loader(train_set, cfg.batch_size, shuffle=True, seed=data.seed,
+                                         num_workers=data.num_workers, drop_last=True)
+        self.val_loader = build_loader(val_set, cfg.batch_size, shuffle=False, seed=data.seed,
+                                       num_workers=data.num_workers, drop_last=False)
+
+    # ----- set-up -------------------------------------------------------------------------
+    def _wrap(self, module: nn.Module) -> nn.Module:
+        if not self.env.enabled:
+            return module
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DDP(module, device_ids=ids)
+
+    def _init_from(self, path: str) -> None:
+        """Start from the network weights (EMA if present) of `model.ckpt_path`."""
+        state = network_state_dict(read_checkpoint(path))
+        ignore = tuple(self.cfg.model.ignore_keys)
+        if ignore:  # upstream's ignore_keys: those keep their fresh initialisation
+            state = {k: v for k, v in state.items() if not k.startswith(ignore)}
+            state = {**self.model.state_dict(), **state}
+        load_into(self.model, state, path)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        tc = self.cfg.trainer
+        dtype = torch.float16 if tc.fp16 else torch.bfloat16
+        return torch.autocast(self.device.type, dtype=dtype, enabled=tc.amp)
+
+    # ----- checkpoints --------------------------------------------------------------------
+    def state_dict(self, rng: list[dict]) -> dict:
+        """Everything a bit-for-bit resume needs, in upstream's key layout plus `config`."""
+        model = self.model.state_dict()
+        model.update({LOSS_PREFIX + k: v for k, v in self.loss.state_dict().items()})
+        return {"step": self.step, "model": model, "ema": self.ema.state_dict(),
+                "opt_ae": self.opt_ae.state_dict(), "lr_scheduler_ae": self.sched_ae.state_dict(),
+                "opt_disc": self.opt_disc.state_dict(),
+                "lr_scheduler_disc": self.sched_disc.state_dict(),
+                "scaler": self.scaler.state_dict(), "rng": rng, "config": dump_config(self.cfg)}
+
+    def resume(self, path: str | Path) -> None:
+        """Restore a checkpoint written by `save`; RNG states are restored when training starts."""
+        ckpt = read_checkpoint(path, map_location=self.device)
+        load_into(self.model, ckpt["model"], path)
+        loss_state = {k[len(LOSS_PREFIX):]: v for k, v in ckpt["model"].items()
+                      if k.startswith(LOSS_PREFIX)}
+        try:
+            self.loss.load_state_dict(loss_state, strict=True)
+            self.ema.load_state_dict(ckpt["ema"])
+            self.opt_ae.load_state_dict(ckpt["opt_ae"])
+            self.opt_disc.load_state_dict(ckpt["opt_disc"])
+            self.sched_ae.load_state_dict(ckpt["lr_scheduler_ae"])
+            self.sched_disc.load_state_dict(ckpt["lr_scheduler_disc"])
+            self.scaler.load_state_dict(ckpt["scaler"])
+        except (KeyError, RuntimeError, ValueError) as err:
+            raise CheckpointError(f"{path}: cannot resume from it (a different lossconfig or "
+                                  f"not a trainer checkpoint?): {str(err).splitlines()[0]}"
+                                  ) from None
+        self.step = int(ckpt["step"])
+        self._saved_rng = ckpt.get("rng")
+
+    def _rng_state(self) -> dict[str, torch.Tensor]:
+        state = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}
+        if self.device.type == "cuda":
+            state["cuda"] = torch.cuda.get_rng_state(self.device)
+        return state
+
+    def _restore_rng(self) -> None:
+        saved = getattr(self, "_saved_rng", None)
+        if not saved or len(saved) != self.env.world_size:
+            if saved:
+                print(f"note: the checkpoint holds RNG states for {len(saved)} processes, this run "
+                      f"has {self.env.world_size}: reseeding (not bit-for-bit)", file=sys.stderr)
+                torch.manual_seed(self.cfg.trainer.seed + self.env.rank + self.step)
+                self.noise.manual_seed(self.cfg.trainer.seed + self.env.rank + self.step)
+            return
+        mine = saved[self.env.rank]
+        torch.set_rng_state(mine["torch"].cpu())
+        self.noise.set_state(mine["noise"].cpu())
+        if "cuda" in mine and self.device.type == "cuda":
+            torch.cuda.set_rng_state(mine["cuda"].cpu(), self.device)
+
+    def _check_replicas(self) -> None:
+        """Under DDP every rank must hold the same weights; a bitwise checksum proves it."""
+        params = list(self.model.parameters()) + list(self.loss.discriminator.parameters())
+        total = torch.stack([p.detach().double().sum() for p in params]).sum()
+        spread = torch.stack([total, -total])
+        distributed.all_reduce(spread, self.env, op="max")
+        if spread[0] != -spread[1]:
+            raise RuntimeError(f"step {self.step}: DDP replicas hold different weights")
+
+    def save(self, milestone: int, logger: RunLogger) -> Path | None:
+        """Validate the EMA weights, draw samples, write `model-{milestone}.pt` (rank 0)."""
+        if self.env.enabled:
+            self._check_replicas()
+        sums, first = metric_sums(self.ema.ema_model, self.val_loader, self.device,
+                                  self.cfg.trainer.val_batches, self.autocast())
+        val = means_from_sums(distributed.all_reduce(sums, self.env))
+        rng = distributed.all_gather_objects(self._rng_state(), self.env)
+        path = None
+        if self.env.is_main:
+            logger.log(self.step, {f"val/{k}": v for k, v in val.items()})
+            if first is not None:
+                grid = sample_grid(*first, rows=self.cfg.trainer.num_samples)
+                write_png(self.run_dir / f"sample-{milestone}.png", grid)
+            path = save_checkpoint(milestone_path(self.run_dir, milestone), self.state_dict(rng))
+        distributed.barrier(self.env)
+        return path
+
+    # ----- one step -----------------------------------------------------------------------
+    def _no_sync(self, module: nn.Module, sync: bool) -> contextlib.AbstractContextManager:
+        """Skip DDP's all-reduce on all but the last micro-batch of an accumulated step."""
+        if isinstance(module, DDP) and not sync:
+            return module.no_sync()
+        return contextlib.nullcontext()
+
+    def _micro_step(self, x: torch.Tensor, adversarial: bool, sync: bool) -> dict:
+        accum = self.cfg.trainer.gradient_accumulate_every
+        with self._no_sync(self.ae, sync):
+            with self.autocast():
+                recon, posterior = self.ae(x, generator=self.noise)
+                loss, log = self.loss.generator_loss(x, recon, posterior, self.step,
+                                                     self.model.get_last_layer())
+            self.scaler.scale(loss / accum).backward()
+        if adversarial:
+            with self._no_sync(self.critic, sync):
+                with self.autocast():
+                    d_loss, d_log = self.loss.discriminator_loss(x, recon, self.step,
+                                                                 discriminator=self.critic)
+                self.scaler.scale(d_loss / accum).backward()
+            log.update(d_log)
+        return log
+
+    def _check(self, log: dict[str, torch.Tensor], stop: StopRequest) -> bool:
+        """Raise if any rank saw a non-finite term; return whether any rank was asked to stop."""
+        flags = torch.stack([~torch.isfinite(v) for v in log.values()]
+                            + [torch.tensor(stop.signum is not None, device=self.device)])
+        flags = distributed.all_reduce(flags.float(), self.env, op="max").tolist()
+        bad = [name for name, flag in zip(log, flags) if flag]
+        if bad:
+            last = latest_checkpoint(self.run_dir)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+            values = ", ".join(f"{n} = {log[n].item()}" for n in bad)
+            raise TrainingDiverged(f"step {self.step}: non-finite loss ({values}); stopped "
+                                   f"before the optimizer step, nothing saved; {kept}")
+        return bool(flags[-1])
+
+    def _optimizer_step(self, opt: torch.optim.Optimizer) -> None:
+        clip = self.cfg.trainer.grad_clip
+        if clip:  # before the step (upstream clips after it, which does nothing)
+            self.scaler.unscale_(opt)
+            params = [p for group in opt.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        self.scaler.step(opt)
+
+    def train_step(self, stream: BatchStream, stop: StopRequest) -> tuple[dict, bool]:
+        """One optimizer step over `gradient_accumulate_every` micro-batches."""
+        tc = self.cfg.trainer
+        adversarial = self.loss.adversarial(self.step)
+        self.opt_ae.zero_grad(set_to_none=True)
+        self.opt_disc.zero_grad(set_to_none=True)
+        logs = []
+        for micro in range(tc.gradient_accumulate_every):
+            x = next(stream)["image"].to(self.device, non_blocking=True)
+            logs.append(self._micro_step(x, adversarial, micro == tc.gradient_accumulate_every - 1))
+        log = {k: torch.stack([entry[k].float() for entry in logs]).mean() for k in logs[0]}
+        stopping = self._check(log, stop)
+        self._optimizer_step(self.opt_ae)
+        if adversarial:
+            self._optimizer_step(self.opt_disc)
+        self.scaler.update()
+        self.sched_ae.step()
+        with warnings.catch_warnings():
+            # In phase 1 the critic's lr follows the global step although it does not step
+            # (as upstream); torch warns about exactly that.
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
+            self.sched_disc.step()
+        self.ema.update()
+        self.step += 1
+        return log, stopping
+
+    # ----- the loop -----------------------------------------------------------------------
+    def _log(self, log: dict, logger: RunLogger, bar: tqdm, rate: float) -> None:
+        names = list(log)
+        values = torch.stack([log[n] for n in names])
+        values = (distributed.all_reduce(values, self.env) / self.env.world_size).tolist()
+        scalars = dict(zip(names, values))
+        scalars["lr"] = self.opt_ae.param_groups[0]["lr"]
+        scalars["it_per_s"] = rate
+        if self.device.type == "cuda":
+            scalars["max_memory_gb"] = torch.cuda.max_memory_allocated(self.device) / 2 ** 30
+        logger.log(self.step - 1, scalars)
+        short = {k.split("/")[-1]: f"{v:.4g}" for k, v in scalars.items()
+                 if k in ("train/rec_loss", "train/kl_loss", "train/g_loss", "train/disc_loss")}
+        if not bar.disable:
+            bar.set_postfix(short, refresh=False)
+        elif self.env.is_main:
+            print(f"step {self.step - 1}/{self.cfg.trainer.train_num_steps} "
+                  + " ".join(f"{k} {v}" for k, v in short.items()) + f" ({rate:.2f} it/s)",
+                  flush=True)
+
+    def train(self) -> int | None:
+        """Train to `train_num_steps`; return the signal number if stopped by one (after saving)."""
+        tc = self.cfg.trainer
+        if self.env.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(dump_config(self.cfg),
+                                                                     sort_keys=False))
+        stream = BatchStream(self.train_loader, consumed=self.step * tc.gradient_accumulate_every)
+        self._restore_rng()
+        logger = RunLogger(self.run_dir, enabled=self.env.is_main, start_step=self.step)
+        bar = tqdm(total=tc.train_num_steps, initial=self.step, desc="train", dynamic_ncols=True,
+                   disable=not (self.env.is_main and sys.stderr.isatty()))
+        self.model.train()
+        self.loss.train()
+        saved_at, window = self.step, (self.step, time.perf_counter())
+        try:
+            with StopRequest() as stop:
+                while self.step < tc.train_num_steps:
+                    log, stopping = self.train_step(stream, stop)
+                    bar.update(1)
+                    if (self.step - 1) % tc.log_freq == 0:
+                        now = time.perf_counter()
+                        self._log(log, logger, bar, (self.step - window[0]) / (now - window[1]))
+                        window = (self.step, now)
+                    if self.step % tc.save_and_sample_every == 0 or stopping:
+                        self.save(math.ceil(self.step / tc.save_and_sample_every), logger)
+                        saved_at = self.step
+                    if stopping:
+                        return stop.signum
+                if saved_at != self.step:
+                    self.save(math.ceil(self.step / tc.save_and_sample_every), logger)
+                return None
+        finally:
+            bar.close()
+            logger.close()
