@@ -44,7 +44,9 @@ def decode_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
             arr = np.asarray(im)
     except RadioMapError:
         raise
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except Image.DecompressionBombError as err:  # PIL's own cap, above any sane max_pixels
+        raise RadioMapTooLarge(f"PNG is too large: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
         raise RadioMapError(f"not a decodable PNG: {err}") from None
     return _gray_to_unit(arr, mode)
 
