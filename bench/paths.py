@@ -1,0 +1,179 @@
+"""The inference paths bench/model.py compares, each behind one `Runner` interface.
+
+Every runner takes maps in [-1, 1] and returns the posterior mean (`encode`), and takes latents
+and returns maps in [-1, 1] (`decode`), as CPU float32 tensors.
+"""
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from model.autoencoder import AutoencoderKL
+from model.inference import InferenceOptions, prepare_for_inference
+
+from .common import cpu_peak
+
+Fn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class Skip(Exception):
+    """This path cannot run here; the message says why."""
+
+
+@dataclass
+class Runner:
+    name: str
+    encode: Fn
+    decode: Fn
+    precision: str = "fp32"  # which peak FLOP/s applies
+    setup_s: float = 0.0
+
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.encode(x))
+
+
+def plain(model: AutoencoderKL, device: torch.device) -> Runner:
+    """The baseline: the same weights in plain fp32 eager, contiguous NCHW, no tricks."""
+    net = copy.deepcopy(model).eval().to(device)
+
+    @torch.inference_mode()
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return net.encode(x.to(device)).mean.cpu()
+
+    @torch.inference_mode()
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return net.decode(z.to(device)).cpu()
+
+    return Runner("baseline", encode, decode)
+
+
+def fast(name: str, model: AutoencoderKL, device: torch.device,
+         options: dict[str, object] | None) -> Runner:
+    """A model/inference.py path with exactly `options` (the others off), or with the
+    device's defaults (`options` None: what `prepare_for_inference(model, device)` gives)."""
+    off = {f: False for f in InferenceOptions.__dataclass_fields__ if f != "precision"}
+    overrides = {} if options is None else {**off, "precision": "fp32", **options}
+    prepared = prepare_for_inference(copy.deepcopy(model), device, **overrides)
+    return Runner(name, lambda x: prepared.encode(x).mean.cpu(),
+                  lambda z: prepared.decode(z).cpu(), prepared.options.precision)
+
+
+def onnx(name: str, model: AutoencoderKL, provider: str, threads: int,
+         onnx_dir: str | None, workdir: Path) -> Runner:
+    """encoder.onnx / decoder.onnx (from `onnx_dir`, else exported now) in onnxruntime."""
+    from export.onnx_export import DECODER_FILE, ENCODER_FILE, export_graph
+    from export.ort_session import make_session, provider_chain
+
+    wanted = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
+              "tensorrt": "TensorrtExecutionProvider"}[provider]
+    if wanted not in provider_chain(provider):
+        raise Skip(f"this onnxruntime build has no {wanted}")
+    folder = Path(onnx_dir) if onnx_dir else workdir / "onnx"
+    if not onnx_dir and not (folder / DECODER_FILE).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for graph in ("encoder", "decoder"):
+            export_graph(model, graph, folder)
+    enc = make_session(folder / ENCODER_FILE, provider, threads)
+    dec = make_session(folder / DECODER_FILE, provider, threads)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(enc.run(["mean"], {"image": x.numpy()})[0])
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(dec.run(["image"], {"latent": z.numpy()})[0])
+
+    return Runner(name, encode, decode)
+
+
+def _keep_torchvision_out() -> None:
+    """diffusers imports torchvision whenever it is installed, though its AutoencoderKL never
+    uses it; a torchvision built for another torch (here a CUDA build next to CPU torch) fails
+    to load. Marked absent in sys.modules, it is never imported, as on a machine without it."""
+    if "torchvision" not in sys.modules:
+        sys.modules["torchvision"] = None  # type: ignore[assignment]
+
+
+def diffusers_peer(model: AutoencoderKL, device: torch.device, workdir: Path) -> Runner:
+    """diffusers' AutoencoderKL with the same weights converted to its layout, fp32 eager."""
+    from export.diffusers_format import DiffusersUnavailable, load_diffusers_vae, write_diffusers
+
+    _keep_torchvision_out()
+    folder = workdir / "diffusers"
+    write_diffusers(model, folder)
+    try:
+        vae = load_diffusers_vae(folder).to(device)
+    except DiffusersUnavailable as err:
+        raise Skip(str(err)) from None
+
+    @torch.inference_mode()
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return vae.encode(x.to(device)).latent_dist.mean.cpu()
+
+    @torch.inference_mode()
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return vae.decode(z.to(device)).sample.cpu()
+
+    return Runner("diffusers", encode, decode)
+
+
+# "default" is prepare_for_inference's choice for the device; the others name their options.
+CPU_PATHS = ("baseline", "default", "channels_last", "winograd", "fused_attention",
+             "winograd+fused_attention+channels_last", "bf16", "compile",
+             "compile+winograd+fused_attention", "onnx-cpu", "diffusers")
+GPU_PATHS = ("baseline", "default", "channels_last", "fused_attention", "bf16", "fp16",
+             "bf16+channels_last+fused_attention", "fp16+channels_last+fused_attention",
+             "compile", "compile+bf16+channels_last", "cuda_graphs+bf16+channels_last",
+             "onnx-cpu", "onnx-cuda", "onnx-tensorrt", "diffusers")
+
+
+def default_paths(device: torch.device, with_compile: bool, threads: int) -> list[str]:
+    """Every path that makes sense here: compile only when asked; CPU bf16 only with native
+    bf16 instructions (emulated bf16 is orders of magnitude slower than fp32)."""
+    paths = list(GPU_PATHS if device.type == "cuda" else CPU_PATHS)
+    if not with_compile:  # compiling takes tens of seconds per path
+        paths = [p for p in paths if "compile" not in p and "cuda_graphs" not in p]
+    if device.type == "cpu" and not cpu_peak(threads)["native_bf16"]:
+        paths.remove("bf16")
+    if device.type == "cuda":
+        paths.remove("onnx-cpu")
+    return paths
+
+
+def _options(name: str) -> dict[str, object] | None:
+    """'compile+bf16' -> {'compile': True, 'precision': 'bf16'}; 'default' -> None."""
+    if name == "default":
+        return None
+    options: dict[str, object] = {}
+    for part in name.split("+"):
+        if part in ("bf16", "fp16"):
+            options["precision"] = part
+        else:
+            options[part] = True
+    return options
+
+
+def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads: int,
+                 onnx_dir: str | None, workdir: Path) -> Runner:
+    """The runner for path `name`, its setup time recorded (export, conversion, loading)."""
+    start = time.perf_counter()
+    if name == "baseline":
+        runner = plain(model, device)
+    elif name == "diffusers":
+        runner = diffusers_peer(model, device, workdir)
+    elif name.startswith("onnx-"):
+        runner = onnx(name, model, name[len("onnx-"):], threads, onnx_dir, workdir)
+    else:
+        runner = fast(name, model, device, _options(name))
+    runner.setup_s = time.perf_counter() - start
+    return runner
+
+
+def make_workdir() -> Path:
+    return Path(tempfile.mkdtemp(prefix="radiodiff-bench-"))

@@ -1,0 +1,155 @@
+"""The inference fast paths give the plain fp32 network's outputs, shapes and layouts."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model.autoencoder import AutoencoderKL
+from model.blocks import AttnBlock
+from model.inference import (FusedAttention, InferenceOptions, WinogradConv2d, default_options,
+                             prepare_for_inference, use_fused_attention, use_winograd,
+                             winograd_available)
+from tests.conftest import tiny_model_config
+
+needs_nnpack = pytest.mark.skipif(not winograd_available(), reason="torch built without NNPACK")
+
+
+@pytest.fixture(scope="module")
+def tiny() -> AutoencoderKL:
+    torch.manual_seed(0)
+    return AutoencoderKL.from_config(tiny_model_config(attn=[16])).eval()
+
+
+@pytest.fixture(scope="module")
+def maps() -> torch.Tensor:
+    """Radio-map-like inputs in [-1, 1]: smooth gain falling off from a corner, with a hole."""
+    yy, xx = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    gain = 1.0 - torch.log1p(torch.hypot(yy - 5, xx - 25)) / 4.0
+    gain[10:15, 3:12] = 0.0
+    x = torch.stack([gain, gain.flip(1)])[:, None].clamp(0, 1)
+    return x * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, maps) -> dict[str, torch.Tensor]:
+    with torch.no_grad():
+        posterior = tiny.encode(maps)
+        return {"mean": posterior.mean, "logvar": posterior.logvar,
+                "image": tiny.decode(posterior.mean)}
+
+
+def prepared(tiny: AutoencoderKL, **options) -> object:
+    return prepare_for_inference(copy.deepcopy(tiny), "cpu", **options)
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param(dict(winograd=True, fused_attention=True), marks=needs_nnpack),
+    pytest.param(dict(winograd=True, channels_last=True), marks=needs_nnpack),
+    dict(winograd=False, fused_attention=True, channels_last=True),
+])
+def test_fp32_paths_match_the_plain_network(tiny, maps, reference, options):
+    model = prepared(tiny, **options)
+    posterior = model.encode(maps)
+    image = model.decode(reference["mean"])
+    torch.testing.assert_close(posterior.mean, reference["mean"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(posterior.logvar, reference["logvar"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(image, reference["image"], rtol=1e-4, atol=1e-4)
+    assert posterior.mean.dtype == image.dtype == torch.float32
+    assert image.is_contiguous()  # callers get plain NCHW whatever layout ran inside
+    assert image.shape == (2, 1, 32, 32) and posterior.mean.shape == (2, 3, 8, 8)
+
+
+def test_reconstruct_is_decode_of_the_posterior_mode(tiny, maps, reference):
+    model = prepared(tiny, winograd=False, fused_attention=False)
+    torch.testing.assert_close(model.reconstruct(maps), reference["image"])
+    torch.testing.assert_close(model(maps), reference["image"])
+
+
+def test_channels_last_is_kept_inside_the_network(tiny, maps):
+    model = prepared(tiny, winograd=False, channels_last=True)
+    assert model.model.encoder.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    seen = []
+    hook = model.model.decoder.conv_out.register_forward_hook(
+        lambda mod, inp, out: seen.append(inp[0].is_contiguous(memory_format=torch.channels_last)))
+    model.decode(torch.randn(1, 3, 8, 8))
+    hook.remove()
+    assert seen == [True]
+
+
+@needs_nnpack
+def test_winograd_swaps_every_3x3_stride1_conv_and_keeps_the_state_dict(tiny):
+    model = copy.deepcopy(tiny)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    swapped = use_winograd(model)
+    convs3 = [m for m in tiny.modules() if isinstance(m, torch.nn.Conv2d)
+              and m.kernel_size == (3, 3) and m.stride == (1, 1)]
+    assert swapped == len(convs3) > 0
+    assert isinstance(model.decoder.conv_out, WinogradConv2d)
+    assert type(model.encoder.down[0].downsample.conv) is torch.nn.Conv2d  # stride 2 stays
+    after = model.state_dict()
+    assert list(after) == list(before)
+    assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+@needs_nnpack
+def test_winograd_conv_falls_back_where_nnpack_cannot_run():
+    conv = WinogradConv2d.from_conv(torch.nn.Conv2d(4, 4, 3, padding=1))
+    x = torch.randn(1, 4, 8, 8, requires_grad=True)
+    conv(x).sum().backward()  # autograd: the ordinary convolution, so gradients flow
+    assert x.grad is not None
+    with torch.no_grad():
+        double = conv.double()(x.detach().double())
+    assert double.dtype == torch.float64
+    expected = F.conv2d(x.detach().double(), conv.weight, conv.bias, padding=1)
+    torch.testing.assert_close(double, expected)
+
+
+def test_fused_attention_keeps_parameters_and_output_and_takes_the_fused_kernel():
+    torch.manual_seed(0)
+    block = AttnBlock(64).eval()
+    fused = FusedAttention(block)
+    assert list(fused.state_dict()) == list(block.state_dict())
+    x = torch.randn(2, 64, 8, 8)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = fused(x)
+    torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
+    ops = {event.name for event in prof.events()}
+    assert any("flash_attention" in op for op in ops), sorted(ops)
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+
+
+def test_fused_attention_swaps_every_attention_block(tiny):
+    model = copy.deepcopy(tiny)
+    blocks = [m for m in model.modules() if type(m) is AttnBlock]
+    # attn_resolutions [16]: one in the encoder, two in the decoder, plus the two mid blocks
+    assert use_fused_attention(model) == len(blocks) == 5
+    assert not any(type(m) is AttnBlock for m in model.modules())
+
+
+def test_bf16_autocast_stays_close_and_returns_float32(tiny, reference):
+    z = reference["mean"][:1, :, :4, :4]  # small: CPUs without native bf16 emulate it slowly
+    with torch.no_grad():
+        expected = tiny.decode(z)
+    image = prepared(tiny, winograd=False, precision="bf16").decode(z)
+    assert image.dtype == torch.float32
+    err = (image - expected).abs().max()
+    assert 0 < err < 0.25  # bf16 has an 8-bit mantissa: close, never identical
+
+
+def test_defaults_per_device():
+    assert default_options("cpu") == InferenceOptions(winograd=winograd_available(),
+                                                      fused_attention=True)
+    assert default_options("cuda").precision == "fp32"
+    assert default_options("cuda").winograd is False
+
+
+def test_bad_options_are_named(tiny):
+    with pytest.raises(TypeError, match="unknown inference option 'channel_last'"):
+        prepared(tiny, channel_last=True)
+    with pytest.raises(ValueError, match="precision must be one of"):
+        prepared(tiny, precision="int8")
+    with pytest.raises(ValueError, match="winograd is a CPU path"):
+        prepare_for_inference(copy.deepcopy(tiny), "cuda", winograd=True)
+    with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
+        prepared(tiny, cuda_graphs=True)
