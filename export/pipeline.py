@@ -1,0 +1,202 @@
+"""Export end to end: load the checkpoint, write the graphs, check parity, write the manifest;
+and the reverse check of an existing export directory."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import onnxruntime
+import onnxscript
+import torch
+
+from model.autoencoder import AutoencoderKL
+from model.checkpoint import (EMA_PREFIX, load_into, model_config_of, network_state_dict,
+                              read_checkpoint, resolve_checkpoint)
+from model.config import ModelConfig, to_dict
+from model.io import to_model
+from model.manifest import (FORMAT_VERSION, MANIFEST_NAME, check_source_checkpoint,
+                            read_manifest, sha256_file, write_manifest)
+
+from . import diffusers_format
+from .onnx_export import DEFAULT_OPSET, export_graph, io_spec
+from .ort_session import make_session
+from .parity import FP32_MAX_ABS_ERR, ParityReport, check_parity, synthetic_radio_maps
+
+FORMATS = ("onnx", "diffusers")
+GRAPHS = ("encoder", "decoder")
+
+
+class ParityError(RuntimeError):
+    """Exported weights disagree with torch beyond the bound; carries the figures."""
+
+    def __init__(self, what: str, figures: str):
+        super().__init__(f"{what}\n{figures}")
+
+
+@dataclass
+class ExportOptions:
+    """What `python -m export` was asked for (see its --help)."""
+    ckpt: str
+    out: str
+    config: str | None = None
+    opset: int = DEFAULT_OPSET
+    fp16: bool = False
+    check: bool = True
+    exporter: str = "dynamo"
+    formats: tuple[str, ...] = ("onnx",)
+    use_ema: bool = True
+    provider: str = "auto"
+
+
+@dataclass
+class Source:
+    """The network loaded from a checkpoint, and where it came from."""
+    ae: AutoencoderKL
+    config: ModelConfig
+    path: Path
+    step: int | None
+    weights: str  # "ema" or "model"
+
+    def describe(self) -> dict:
+        return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path),
+                "step": self.step, "weights": self.weights}
+
+
+def load_source(ckpt: str | Path, config: ModelConfig | dict | str | None = None,
+                use_ema: bool = True) -> Source:
+    """Read the checkpoint once: the eval-mode network, its step, and which weights were used."""
+    path = resolve_checkpoint(ckpt)
+    raw = read_checkpoint(path)
+    ema = raw.get("ema")
+    has_ema = isinstance(ema, dict) and any(str(k).startswith(EMA_PREFIX) for k in ema)
+    weights = "ema" if use_ema and has_ema else "model"
+    cfg = model_config_of(raw, path, config)
+    ae = AutoencoderKL.from_config(cfg)
+    load_into(ae, network_state_dict(raw, weights == "ema"), path)
+    step = raw.get("step")
+    step = step if isinstance(step, int) and not isinstance(step, bool) else None
+    return Source(ae.eval(), cfg, path, step, weights)
+
+
+def _tensors(spec: dict[str, list], names: list[str]) -> list[dict]:
+    return [{"name": n, "dtype": "float32", "shape": spec[n]} for n in names]
+
+
+def build_manifest(source: Source, opts: ExportOptions, graphs: dict[str, Path],
+                   seconds: dict[str, float], parity: dict, providers: list[str]) -> dict:
+    """The manifest.json contents (format version 1)."""
+    ae, spec = source.ae, io_spec(source.ae)
+    entries = {name: {"file": graphs[name].name, "sha256": sha256_file(graphs[name]),
+                      "bytes": graphs[name].stat().st_size,
+                      "inputs": _tensors(spec[name], list(spec[name])[:1]),
+                      "outputs": _tensors(spec[name], list(spec[name])[1:])} for name in GRAPHS}
+    return {
+        "format_version": FORMAT_VERSION, **entries,
+        "downsample_factor": ae.downsample_factor, "latent_channels": ae.embed_dim,
+        "in_channels": ae.ddconfig.in_channels,
+        "value_range": {"image": [-1, 1], "map": [0, 1]}, "scale_factor": ae.scale_factor,
+        "precision": "fp16" if opts.fp16 else "fp32", "opset": opts.opset,
+        "exporter": opts.exporter, "export_seconds": seconds,
+        "model_config": to_dict(source.config),
+        "source_checkpoint": source.describe(),
+        "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
+                     "onnxruntime": onnxruntime.__version__,
+                     "onnxscript": onnxscript.__version__},
+        "parity": parity, "providers": providers,
+    }
+
+
+def _sessions(out: Path, provider: str) -> tuple:
+    return tuple(make_session(out / f"{name}.onnx", provider) for name in GRAPHS)
+
+
+def export_onnx(source: Source, opts: ExportOptions, log=print) -> dict:
+    """Write encoder.onnx and decoder.onnx, check them, then (only on success) the manifest."""
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST_NAME).unlink(missing_ok=True)  # no stale manifest may vouch for new graphs
+    graphs, seconds = {}, {}
+    for name in GRAPHS:
+        start = time.perf_counter()
+        graphs[name] = export_graph(source.ae, name, out, opts.exporter, opts.opset, opts.fp16)
+        seconds[name] = round(time.perf_counter() - start, 2)
+        log(f"exported {graphs[name]} ({graphs[name].stat().st_size / 1e6:.1f} MB) in "
+            f"{seconds[name]:.1f} s ({opts.exporter}, opset {opts.opset}); onnx.checker passed")
+    parity, providers = {"checked": False}, []
+    if opts.check:
+        encoder, decoder = _sessions(out, opts.provider)
+        providers = encoder.get_providers()
+        report = check_parity(source.ae, encoder, decoder, opts.fp16)
+        log(f"parity vs torch on onnxruntime {providers[0]} ({report.bound}):\n{report.table()}")
+        if not report.passed:
+            raise ParityError(f"parity check FAILED ({report.bound}); no manifest written",
+                              report.table())
+        parity = report.to_dict()
+    return build_manifest(source, opts, graphs, seconds, parity, providers)
+
+
+def export_diffusers(source: Source, out: Path, check: bool, log=print) -> dict:
+    """Write the diffusers folder; with `check`, load it in diffusers and compare."""
+    info = diffusers_format.write_diffusers(source.ae, out)
+    log(f"wrote diffusers AutoencoderKL folder {out} ({info['config']}, {info['weights']})")
+    if not check:
+        return info
+    h, w = source.ae.ddconfig.size
+    images = to_model(synthetic_radio_maps(2, h, w))
+    try:
+        errs = diffusers_format.diffusers_parity(out, source.ae, images)
+    except diffusers_format.DiffusersUnavailable as err:
+        log(f"warning: diffusers parity not checked: {err}")
+        info["parity"] = {"checked": False, "reason": str(err)}
+        return info
+    figures = ", ".join(f"{k} {v:.3e}" for k, v in errs.items())
+    if max(errs.values()) >= FP32_MAX_ABS_ERR:
+        raise ParityError(f"diffusers parity FAILED (max_abs_err < {FP32_MAX_ABS_ERR})", figures)
+    log(f"diffusers parity: max abs err {figures}")
+    info["parity"] = {"checked": True, "max_abs_err": errs}
+    return info
+
+
+def run_export(opts: ExportOptions, log=print) -> dict:
+    """The whole `python -m export` job; returns the manifest (or the diffusers summary)."""
+    unknown = sorted(set(opts.formats) - set(FORMATS))
+    if unknown or not opts.formats:
+        raise ValueError(f"--format: expected a comma-separated subset of {list(FORMATS)}, "
+                         f"got {','.join(opts.formats)!r}")
+    source = load_source(opts.ckpt, opts.config, opts.use_ema)
+    log(f"loaded {source.path} (step {source.step}, {source.weights} weights, "
+        f"{sum(p.numel() for p in source.ae.parameters()):,} parameters)")
+    result = {}
+    if "diffusers" in opts.formats:
+        result["diffusers"] = export_diffusers(source, Path(opts.out), opts.check, log)
+    if "onnx" in opts.formats:
+        result = {**export_onnx(source, opts, log), **result}
+        write_manifest(opts.out, result)
+        log(f"wrote {Path(opts.out) / MANIFEST_NAME}")
+    return result
+
+
+def verify_export(directory: str | Path, ckpt: str | Path | None = None, check: bool = True,
+                  provider: str = "auto", log=print) -> ParityReport | None:
+    """Re-check an export directory: manifest schema, graph SHA-256, and with `ckpt` that it is
+    the source checkpoint and (with `check`) that the graphs still match it under onnxruntime."""
+    manifest = read_manifest(directory)
+    log(f"{Path(directory) / MANIFEST_NAME}: schema valid, graph SHA-256 match")
+    if ckpt is None:
+        return None
+    path = resolve_checkpoint(ckpt)
+    check_source_checkpoint(manifest, path)
+    log(f"{path} is the source checkpoint (SHA-256 match)")
+    if not check:
+        return None
+    source = load_source(path, manifest["model_config"],
+                         manifest["source_checkpoint"].get("weights") == "ema")
+    encoder, decoder = _sessions(Path(directory), provider)
+    report = check_parity(source.ae, encoder, decoder, manifest["precision"] == "fp16")
+    log(f"parity vs torch on onnxruntime {encoder.get_providers()[0]} ({report.bound}):\n"
+        f"{report.table()}")
+    if not report.passed:
+        raise ParityError(f"parity check FAILED ({report.bound})", report.table())
+    return report
