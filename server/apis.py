@@ -1,0 +1,223 @@
+"""The inference-worker side: one LitAPI per endpoint, batching requests across clients.
+
+Requests arrive already decoded and validated (server/payloads.py, in the HTTP process), as
+`Job`s. litserve merges up to max_batch_size of them; `predict` groups the merged jobs by map
+shape, runs each group through the backend in forward passes of at most max_batch_size maps,
+and splits the results back per job, so a request's answer does not depend on its neighbours.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+from collections import defaultdict
+from queue import Queue
+from typing import Optional
+
+import litserve as ls
+import numpy as np
+import torch
+from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
+from litserve.loops.simple_loops import BatchedLoop
+from litserve.transport.base import MessageTransport
+from litserve.utils import LitAPIStatus, LoopResponseType
+
+from model.distributions import DiagonalGaussianDistribution
+from model.io import from_model, to_model
+
+from . import metrics
+from .backends import load_backend
+from .logs import LOGGER, configure_logging
+from .payloads import Job
+from .settings import Settings
+from .spec import ModelSpec
+
+logger = logging.getLogger(LOGGER)
+
+
+class BlockingBatchedLoop(BatchedLoop):
+    """litserve's BatchedLoop, except that an idle worker blocks on its queue.
+
+    The stock loop polls the (manager-backed) queue every millisecond, or spins without pause
+    when batch_timeout is 0, keeping a core busy per idle worker. Here the first request of a
+    batch is awaited, and the batch then fills for at most batch_timeout seconds.
+    """
+
+    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Queue,
+                           transport: MessageTransport) -> tuple[list, list]:
+        first = self.get_request(request_queue, timeout=1.0)
+        if first is None:
+            return [], []
+        items, deadline = [first], time.monotonic() + lit_api.batch_timeout
+        while len(items) < lit_api.max_batch_size:
+            remaining = deadline - time.monotonic()
+            item = (self.get_request(request_queue, timeout=remaining) if remaining > 0
+                    else self.get_request(request_queue, block=False))
+            if item is None:
+                break
+            items.append(item)
+        return self._admit(lit_api, items, transport)
+
+    def __call__(self, *args, **kwargs) -> None:
+        super().__call__(*args, **kwargs)
+        # The loop saw the stop sentinel: leave at once. Results have been sent and metrics live
+        # in mmap'd files, so nothing needs finalizing, and a spawned worker's interpreter
+        # teardown (garbage-collecting torch and manager proxies) was seen to spin for seconds.
+        logging.shutdown()
+        os._exit(0)
+
+    def _admit(self, lit_api: ls.LitAPI, items: list, transport: MessageTransport
+               ) -> tuple[list, list]:
+        payloads, timed_out = [], []
+        for item in items:
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            response_queue_id, uid, timestamp, job = item
+            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
+                              LoopResponseType.REGULAR)
+            waited = time.monotonic() - timestamp
+            if lit_api.request_timeout not in (-1, False) and waited > lit_api.request_timeout:
+                timed_out.append((response_queue_id, uid))
+            else:
+                payloads.append((response_queue_id, uid, job))
+        return payloads, timed_out
+
+
+class RadioAPI(ls.LitAPI):
+    """Shared worker logic; subclasses define `run(jobs) -> results` for one endpoint."""
+
+    name = ""
+
+    def __init__(self, spec: ModelSpec, max_batch_size: int, batch_timeout: float,
+                 bf16: bool = False, require_cuda: bool = False, log_level: str = "info",
+                 threads: int = 0):
+        super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
+                         api_path=f"/{self.name}", loop=BlockingBatchedLoop())
+        self.model_spec, self.bf16, self.require_cuda = spec, bf16, require_cuda
+        self.log_level, self.threads = log_level, threads
+        self.worker_info: Optional[dict] = None  # a manager dict the server attaches, for /info
+
+    def setup(self, device: str) -> None:
+        configure_logging(self.log_level)  # a spawned worker starts with no logging set up
+        # The main process stops workers (after the HTTP processes have drained) with a sentinel
+        # on their queue; a signal sent to the whole process group (Ctrl+C, systemd, `timeout`)
+        # must not cut a batch short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        self.backend = load_backend(self.model_spec, device, self.bf16, self.require_cuda,
+                                    self.threads)
+        self.run([self.warmup_job()])
+        described = {**self.backend.describe(), "endpoint": self.api_path, "pid": os.getpid()}
+        logger.info("%s worker ready: %s", self.api_path, described)
+        if self.worker_info is not None:
+            self.worker_info[f"{self.api_path}:{os.getpid()}"] = described
+
+    def warmup_job(self) -> Job:
+        h, w = self.model_spec.config_size
+        return Job(np.zeros((1, 1, h, w), np.float32))
+
+    def decode_request(self, request: Job) -> Job:
+        return request  # decoded and validated by the HTTP process
+
+    def predict(self, jobs: list[Job]) -> list[np.ndarray]:
+        start = time.perf_counter()
+        results: list = [None] * len(jobs)
+        for indices in _groups_by_shape(jobs):
+            group = [jobs[i] for i in indices]
+            for i, result in zip(indices, self.run(group)):
+                results[i] = result
+            self._observe_forward_passes(sum(len(job.x) for job in group))
+        endpoint = self.api_path
+        metrics.MODEL_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+        metrics.BATCH_REQUESTS.labels(endpoint).observe(len(jobs))
+        metrics.MAPS.labels(endpoint).inc(sum(len(job.x) for job in jobs))
+        return results
+
+    def encode_response(self, output: np.ndarray) -> np.ndarray:
+        return output  # encoded for the client's Accept by the HTTP process
+
+    def run(self, jobs: list[Job]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def _observe_forward_passes(self, n: int) -> None:
+        for start in range(0, n, self.max_batch_size):
+            metrics.BATCH_SIZE.labels(self.api_path).observe(min(self.max_batch_size, n - start))
+
+    def _slices(self, n: int):
+        return (slice(s, s + self.max_batch_size) for s in range(0, n, self.max_batch_size))
+
+    def _encode(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self.backend.encode(maps[s]) for s in self._slices(len(maps))]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.backend.decode(latents[s]) for s in self._slices(len(latents))])
+
+    def _latents(self, jobs: list[Job]) -> list[torch.Tensor]:
+        """Per job: the posterior mean, or a sample drawn with the job's own seeded generator."""
+        mean, logvar = self._encode(to_model(np.concatenate([job.x for job in jobs])))
+        latents, start = [], 0
+        for job in jobs:
+            part = slice(start, start + len(job.x))
+            start += len(job.x)
+            if job.mode == "sample":
+                posterior = DiagonalGaussianDistribution(torch.cat([mean[part], logvar[part]], 1))
+                generator = None if job.seed is None else torch.Generator().manual_seed(job.seed)
+                latents.append(posterior.sample(generator))
+            else:
+                latents.append(mean[part])
+        return latents
+
+
+class EncodeAPI(RadioAPI):
+    name = "encode"
+
+    def run(self, jobs: list[Job]) -> list[np.ndarray]:
+        scale = self.model_spec.scale_factor
+        return [(z * scale if job.scaled else z).numpy()
+                for job, z in zip(jobs, self._latents(jobs))]
+
+
+class DecodeAPI(RadioAPI):
+    name = "decode"
+
+    def warmup_job(self) -> Job:
+        h, w = self.model_spec.config_size
+        f = self.model_spec.downsample_factor
+        return Job(np.zeros((1, self.model_spec.latent_channels, h // f, w // f), np.float32))
+
+    def run(self, jobs: list[Job]) -> list[np.ndarray]:
+        scale = self.model_spec.scale_factor
+        latents = torch.cat([torch.from_numpy(job.x / scale if job.scaled else job.x)
+                             for job in jobs])
+        return _split(from_model(self._decode(latents)).numpy(), jobs)
+
+
+class ReconstructAPI(RadioAPI):
+    name = "reconstruct"
+
+    def run(self, jobs: list[Job]) -> list[np.ndarray]:
+        maps = from_model(self._decode(torch.cat(self._latents(jobs))))
+        return _split(maps.numpy(), jobs)
+
+
+def _groups_by_shape(jobs: list[Job]) -> list[list[int]]:
+    groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, job in enumerate(jobs):
+        groups[job.x.shape[1:]].append(i)
+    return list(groups.values())
+
+
+def _split(batch: np.ndarray, jobs: list[Job]) -> list[np.ndarray]:
+    bounds = np.cumsum([len(job.x) for job in jobs])[:-1]
+    return np.split(batch, bounds)
+
+
+def build_apis(spec: ModelSpec, settings: Settings) -> list[RadioAPI]:
+    """One LitAPI per endpoint, configured from the server settings."""
+    return [cls(spec, settings.max_batch_size, settings.batch_timeout, settings.bf16,
+                settings.device == "cuda", settings.log_level, settings.threads)
+            for cls in (EncodeAPI, DecodeAPI, ReconstructAPI)]

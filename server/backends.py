@@ -1,0 +1,109 @@
+"""Inference backends behind one interface: torch (from a checkpoint), onnxruntime (from an export).
+
+Both take and give CPU float32 tensors in the network's conventions: maps in [-1, 1]
+[N, 1, H, W], posterior moments and latents [N, z, H/f, W/f].
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from model.checkpoint import load_autoencoder
+from model.config import ModelConfig, from_dict
+from model.inference import prepare_for_inference
+
+from .logs import LOGGER
+from .spec import ModelSpec
+
+logger = logging.getLogger(LOGGER)
+
+
+class Backend(Protocol):
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Maps [N, 1, H, W] in [-1, 1] -> posterior (mean, logvar) [N, z, h, w]."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents [N, z, h, w] -> maps [N, 1, H, W] in the network's [-1, 1] range."""
+
+    def describe(self) -> dict[str, str]:
+        """Backend, provider and device, for /info and the logs."""
+
+
+class TorchBackend:
+    """The checkpoint's AutoencoderKL through model.inference: inference_mode, and the fast path
+    measured for the device (channels_last on CUDA, Winograd convolutions on CPU), bf16 if asked."""
+
+    def __init__(self, spec: ModelSpec, device: str, bf16: bool = False):
+        config = from_dict(ModelConfig, spec.model_config, "model")
+        model = load_autoencoder(spec.path, config, map_location="cpu")
+        self.model = prepare_for_inference(model, device, **({"precision": "bf16"} if bf16 else {}))
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        posterior = self.model.encode(x)
+        return posterior.mean.cpu(), posterior.logvar.cpu()
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return self.model.decode(z).cpu()
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": "torch", "provider": f"torch {torch.__version__}",
+                "device": str(self.model.device), "precision": self.model.options.describe()}
+
+
+class OnnxBackend:
+    """The export's encoder and decoder graphs in onnxruntime sessions (float32 in and out)."""
+
+    def __init__(self, spec: ModelSpec, device: str, require_cuda: bool = False,
+                 threads: int = 0):
+        import onnxruntime as ort  # only deployments serving an export need it
+
+        providers: list = ["CPUExecutionProvider"]
+        if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
+            index = int(device.split(":")[1]) if ":" in device else 0
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": index}))
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        root = Path(spec.path)
+        self.encoder, self.decoder = (
+            ort.InferenceSession(str(root / spec.graph_files[name]), options, providers=providers)
+            for name in ("encoder", "decoder"))
+        # onnxruntime-gpu falls back to CPU silently when CUDA cannot load: read what runs.
+        self.provider = self.encoder.get_providers()[0]
+        self.device, self.precision = device, spec.precision
+        if device.startswith("cuda") and self.provider != "CUDAExecutionProvider":
+            message = (f"onnxruntime cannot run on {device} (available providers: "
+                       f"{', '.join(ort.get_available_providers())}; install onnxruntime-gpu)")
+            if require_cuda:
+                raise RuntimeError(message)
+            logger.warning("%s; serving on CPU", message)
+            self.device = "cpu"
+        logger.info("onnxruntime provider in use: %s", self.provider)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder.run(["mean", "logvar"], {"image": x.numpy()})
+        return _tensor(mean), _tensor(logvar)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        (image,) = self.decoder.run(["image"], {"latent": z.numpy()})
+        return _tensor(image)
+
+    def describe(self) -> dict[str, str]:
+        return {"backend": "onnx", "provider": self.provider, "device": self.device,
+                "precision": self.precision}
+
+
+def _tensor(a: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
+
+
+def load_backend(spec: ModelSpec, device: str, bf16: bool = False, require_cuda: bool = False,
+                 threads: int = 0) -> Backend:
+    """The backend `spec` names, on `device` ('cpu', 'cuda:0', ...); torch threads are set by
+    the caller (torch.set_num_threads is process-wide)."""
+    if spec.backend == "onnx":
+        return OnnxBackend(spec, device, require_cuda, threads)
+    return TorchBackend(spec, device, bf16)

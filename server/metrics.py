@@ -1,0 +1,50 @@
+"""Prometheus metrics shared by the HTTP and inference processes (multiprocess mode).
+
+PROMETHEUS_MULTIPROC_DIR must be set before this module is first imported (server/__main__.py
+does it): prometheus_client picks its file-backed value class at import time. Every process the
+server starts (forked HTTP servers, spawned inference workers) inherits the variable and writes
+its samples there; GET /metrics merges them.
+"""
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
+                               Histogram, generate_latest, multiprocess)
+
+from .settings import METRICS_DIR_ENV
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+REQUESTS = Counter("radiodiff_requests", "HTTP requests by endpoint and status code",
+                   ["endpoint", "code"])
+REQUEST_SECONDS = Histogram("radiodiff_request_duration_seconds",
+                            "HTTP request latency, body read to response", ["endpoint"],
+                            buckets=LATENCY_BUCKETS)
+IN_FLIGHT = Gauge("radiodiff_requests_in_flight", "HTTP requests being served", ["endpoint"],
+                  multiprocess_mode="livesum")
+MODEL_SECONDS = Histogram("radiodiff_model_duration_seconds",
+                          "Inference time of one worker batch", ["endpoint"],
+                          buckets=LATENCY_BUCKETS)
+BATCH_REQUESTS = Histogram("radiodiff_batch_requests", "Requests merged into one worker batch",
+                           ["endpoint"], buckets=SIZE_BUCKETS)
+BATCH_SIZE = Histogram("radiodiff_batch_size", "Maps (or latents) per forward pass",
+                       ["endpoint"], buckets=SIZE_BUCKETS)
+MAPS = Counter("radiodiff_maps_processed", "Maps (or latents) processed", ["endpoint"])
+
+
+def mark_process_dead(pid: int) -> None:
+    """Drop a finished process's live gauges (its counters stay counted)."""
+    if os.environ.get(METRICS_DIR_ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+def render() -> tuple[bytes, str]:
+    """The Prometheus text exposition of every process's metrics, and its content type."""
+    if os.environ.get(METRICS_DIR_ENV):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+    else:
+        registry = REGISTRY
+    return generate_latest(registry), CONTENT_TYPE_LATEST

@@ -1,0 +1,323 @@
+"""HTTP payloads <-> arrays: content types, query options, shape and value checks, Accept.
+
+Runs in the HTTP processes, before a request reaches an inference worker, so that a bad request
+is answered with a 4xx naming what was expected and never reaches (or poisons) a model batch.
+Maps are float32 in [0, 1] at the API; latents are float32 [z, h, w] or [N, z, h, w].
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import numpy as np
+from PIL import Image
+
+from model.io import (RadioMapError, RadioMapTooLarge, check_map, decode_npy, decode_png,
+                      encode_npy, encode_png)
+
+from .spec import Limits, ModelSpec
+
+NPY, PNG, JSON = "application/x-npy", "image/png", "application/json"
+Layout = Literal["hw", "chw", "nchw"]
+MAX_SEED = 2**63 - 1
+
+
+class RequestError(Exception):
+    """A request the server refuses; `status` is the HTTP code, `detail` says what was expected."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@dataclass(frozen=True)
+class Operation:
+    """One endpoint: what it takes, what it gives, which query options it reads."""
+    name: str
+    takes: Literal["map", "latent"]
+    gives: Literal["map", "latent"]
+    params: tuple[str, ...]
+
+    @property
+    def path(self) -> str:
+        return f"/{self.name}"
+
+    @property
+    def content_types(self) -> tuple[str, ...]:
+        return (PNG, NPY, JSON) if self.takes == "map" else (NPY, JSON)
+
+    @property
+    def accept_types(self) -> tuple[str, ...]:
+        return (NPY, PNG, JSON) if self.gives == "map" else (NPY, JSON)
+
+
+OPERATIONS = {op.name: op for op in (
+    Operation("encode", "map", "latent", ("mode", "seed", "scaled", "resize")),
+    Operation("decode", "latent", "map", ("scaled", "bits")),
+    Operation("reconstruct", "map", "map", ("mode", "seed", "resize", "bits")),
+)}
+
+
+@dataclass(frozen=True)
+class Options:
+    mode: Literal["mean", "sample"] = "mean"
+    seed: Optional[int] = None
+    scaled: bool = False
+    resize: Optional[tuple[int, int]] = None
+    bits: int = 8
+
+
+@dataclass
+class Job:
+    """What an inference worker receives: validated arrays [N, C, H, W] and how to treat them."""
+    x: np.ndarray
+    mode: str = "mean"
+    seed: Optional[int] = None
+    scaled: bool = False
+
+
+@dataclass
+class Payload:
+    array: np.ndarray  # [N, C, H, W] float32
+    layout: Layout
+
+
+def parse_options(op: Operation, query: Mapping[str, str]) -> Options:
+    """Query string -> Options; an unknown name or bad value is a 422 listing what is allowed."""
+    unknown = sorted(set(query) - set(op.params))
+    if unknown:
+        raise RequestError(422, f"unknown query parameter {unknown[0]!r}; {op.path} takes "
+                                f"{', '.join(op.params)}")
+    values: dict = {}
+    if "mode" in query:
+        values["mode"] = _choice(query["mode"], "mode", ("mean", "sample"))
+    if "seed" in query:
+        values["seed"] = _integer(query["seed"], "seed", 0, MAX_SEED)
+        if values.get("mode") != "sample":
+            raise RequestError(422, "seed applies to mode=sample only; add mode=sample")
+    if "scaled" in query:
+        values["scaled"] = _choice(query["scaled"].lower(), "scaled",
+                                   ("true", "false", "1", "0")) in ("true", "1")
+    if "resize" in query:
+        parts = query["resize"].split(",")
+        if len(parts) != 2:
+            raise RequestError(422, "resize: expected H,W such as 256,256, got "
+                                    f"{query['resize']!r}")
+        values["resize"] = tuple(_integer(p, "resize", 1, 1 << 20) for p in parts)
+    if "bits" in query:
+        values["bits"] = int(_choice(query["bits"], "bits", ("8", "16")))
+    return Options(**values)
+
+
+def _choice(value: str, name: str, allowed: tuple[str, ...]) -> str:
+    if value not in allowed:
+        raise RequestError(422, f"{name}: expected one of {', '.join(allowed)}, got {value!r}")
+    return value
+
+
+def _integer(value: str, name: str, low: int, high: int) -> int:
+    try:
+        number = int(value.strip())
+    except ValueError:
+        number = None
+    if number is None or not low <= number <= high:
+        raise RequestError(422, f"{name}: expected an integer in {low}..{high}, got {value!r}")
+    return number
+
+
+def media_type(header: Optional[str]) -> str:
+    """'Application/JSON; charset=utf-8' -> 'application/json'."""
+    return (header or "").split(";", 1)[0].strip().lower()
+
+
+def check_content_type(op: Operation, header: Optional[str]) -> str:
+    kind = media_type(header)
+    if kind not in op.content_types:
+        got = f"{header!r}" if header else "no Content-Type"
+        raise RequestError(415, f"{op.path} takes Content-Type {', '.join(op.content_types)}; "
+                                f"got {got}")
+    return kind
+
+
+def negotiate(op: Operation, accept: Optional[str]) -> str:
+    """The response type: the client's preferred one among the op's (npy if it does not mind)."""
+    ranked = []
+    for position, item in enumerate((accept or "*/*").split(",")):
+        kind, *params = (part.strip() for part in item.split(";"))
+        q = 1.0
+        for param in params:
+            if param.replace(" ", "").startswith("q="):
+                try:
+                    q = float(param.split("=", 1)[1])
+                except ValueError:
+                    q = 0.0
+        if kind and q > 0:
+            ranked.append((-q, position, kind.lower()))
+    for _, _, kind in sorted(ranked):
+        for offered in op.accept_types:
+            if kind in (offered, "*/*", offered.split("/")[0] + "/*"):
+                return offered
+    raise RequestError(406, f"{op.path} answers with {', '.join(op.accept_types)}; "
+                            f"the request accepts only {accept!r}")
+
+
+def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: Limits,
+                options: Options) -> Payload:
+    """Request body -> checked float32 [N, C, H, W] (maps resized if asked)."""
+    if kind == JSON:
+        items, encoding, is_list = _json_items(body)
+        arrays = [_decode_item(item, encoding, op, limits) for item in items]
+        payload = _stack(arrays, op, spec) if is_list else _as_batch(arrays[0], op, spec)
+    else:
+        payload = _as_batch(_decode_item(body, "png" if kind == PNG else "npy", op, limits),
+                            op, spec)
+    if not 1 <= payload.array.shape[0] <= limits.max_request_maps:
+        raise RequestError(413 if payload.array.shape[0] else 422,
+                           f"a request holds 1 to {limits.max_request_maps} items; "
+                           f"got {payload.array.shape[0]}")
+    if op.takes == "map":
+        payload.array = _checked(check_map, payload.array)
+        if options.resize:
+            payload.array = resize_maps(payload.array, options.resize)
+        check_map_size(payload.array.shape[-2:], limits)
+    else:
+        h, w = payload.array.shape[-2:]
+        check_map_size((h * spec.downsample_factor, w * spec.downsample_factor), limits,
+                       f"latent {h}x{w} decodes to a map of ")
+        if not np.isfinite(payload.array).all():
+            raise RequestError(422, "latent holds NaN or Inf values")
+    return payload
+
+
+def _json_items(body: bytes) -> tuple[list[bytes], str, bool]:
+    """The base64-decoded items of a JSON body, their encoding, and whether they came as a list."""
+    try:
+        doc = json.loads(body)
+    except (ValueError, RecursionError) as err:
+        raise RequestError(400, f"body is not valid JSON: {err}") from None
+    if not isinstance(doc, dict) or set(doc) - {"data", "encoding"} or "data" not in doc:
+        raise RequestError(422, 'expected a JSON object {"data": <base64 or list of base64>, '
+                                '"encoding": "npy" | "png"}')
+    encoding = doc.get("encoding")
+    if encoding not in ("npy", "png"):
+        raise RequestError(422, f'"encoding": expected "npy" or "png", got {encoding!r}')
+    data = doc["data"]
+    items = data if isinstance(data, list) else [data]
+    if not items or not all(isinstance(item, str) for item in items):
+        raise RequestError(422, '"data": expected a base64 string or a non-empty list of them')
+    decoded = []
+    for i, item in enumerate(items):
+        try:
+            decoded.append(base64.b64decode(item, validate=True))
+        except (binascii.Error, ValueError) as err:
+            raise RequestError(400, f'"data"[{i}]: not valid base64: {err}') from None
+    return decoded, encoding, isinstance(data, list)
+
+
+def _decode_item(data: bytes, encoding: str, op: Operation, limits: Limits) -> np.ndarray:
+    if encoding == "png" and op.takes != "map":
+        raise RequestError(422, "latents cannot be PNG; send them as npy (float32)")
+    try:
+        if encoding == "png":
+            return decode_png(data, max_pixels=limits.max_pixels, max_bytes=limits.max_body_bytes)
+        array = decode_npy(data, max_bytes=limits.max_body_bytes)
+    except RadioMapTooLarge as err:
+        raise RequestError(413, str(err)) from None
+    except RadioMapError as err:
+        raise RequestError(400, str(err)) from None
+    except Exception as err:  # noqa: BLE001 - a decoder fed hostile bytes may raise anything
+        raise RequestError(400, f"not a decodable {encoding}: {type(err).__name__}: "
+                                f"{err}") from None
+    if array.dtype != np.float32:
+        raise RequestError(422, f"expected a float32 array, got dtype {array.dtype}")
+    return array
+
+
+def _as_batch(array: np.ndarray, op: Operation, spec: ModelSpec) -> Payload:
+    """[H, W] / [C, H, W] / [N, C, H, W] -> [N, C, H, W] and the layout it came in."""
+    channels = 1 if op.takes == "map" else spec.latent_channels
+    if op.takes == "map" and array.ndim == 2:
+        return Payload(array[None, None], "hw")
+    if array.ndim == 3 and array.shape[0] == channels:
+        return Payload(array[None], "chw")
+    if array.ndim == 4 and array.shape[1] == channels:
+        return Payload(array, "nchw")
+    if op.takes == "map":
+        raise RequestError(422, f"expected a map [H, W], [1, H, W] or a batch [N, 1, H, W]; got "
+                                f"shape {list(array.shape)}")
+    raise RequestError(422, f"expected a latent [{channels}, h, w] or a batch [N, {channels}, h, w]"
+                            f"; got shape {list(array.shape)}")
+
+
+def _stack(arrays: list[np.ndarray], op: Operation, spec: ModelSpec) -> Payload:
+    singles = [_as_batch(a, op, spec) for a in arrays]
+    if any(s.layout == "nchw" for s in singles):
+        raise RequestError(422, "each item of a JSON list is one map or latent, not a batch")
+    shapes = {s.array.shape for s in singles}
+    if len(shapes) > 1:
+        raise RequestError(422, f"items of one JSON list must share a shape; got "
+                                f"{sorted(list(s)[1:] for s in shapes)}")
+    return Payload(np.concatenate([s.array for s in singles]), "nchw")
+
+
+def check_map_size(hw: tuple[int, int], limits: Limits, prefix: str = "") -> None:
+    h, w = int(hw[0]), int(hw[1])
+    what = f"{prefix}{h}x{w}"
+    if h * w > limits.max_pixels:
+        raise RequestError(413, f"{what} = {h * w} pixels; this server accepts "
+                                f"{limits.accepted()}")
+    pinned = limits.resolution
+    bad = (h, w) != tuple(pinned) if pinned else (h % limits.factor or w % limits.factor
+                                                   or not (h and w))
+    if bad:
+        raise RequestError(422, f"{what}: this server accepts {limits.accepted()}; "
+                                "ask ?resize=H,W to resize maps")
+
+
+def resize_maps(x: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Bilinear (antialiased when shrinking) resize of [N, 1, H, W] maps to `size`."""
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    h, w = size
+    out = [np.asarray(Image.fromarray(m[0]).resize((w, h), Image.Resampling.BILINEAR))
+           for m in x]
+    return np.clip(np.stack(out)[:, None], 0.0, 1.0).astype(np.float32)
+
+
+def _checked(check, array: np.ndarray) -> np.ndarray:
+    try:
+        return check(array)
+    except RadioMapError as err:
+        raise RequestError(422, str(err)) from None
+
+
+def shape_output(result: np.ndarray, layout: Layout, op: Operation) -> np.ndarray:
+    """A batch result back in the caller's layout: a single in, a single out."""
+    if layout == "nchw":
+        return result
+    if layout == "hw" and op.gives == "map":
+        return result[0, 0]
+    return result[0]
+
+
+def check_deliverable(kind: str, count: int) -> None:
+    """Refuse, before any work, a PNG response that would have to hold several maps."""
+    if kind == PNG and count != 1:
+        raise RequestError(406, f"image/png holds one map and this response would hold {count}; "
+                                f"accept {NPY} or {JSON}")
+
+
+def encode_result(result: np.ndarray, layout: Layout, op: Operation, kind: str,
+                  bits: int) -> bytes:
+    """The response body: npy, PNG (one map) or JSON with base64 npy."""
+    out = shape_output(np.ascontiguousarray(result, dtype=np.float32), layout, op)
+    if kind == PNG:
+        return encode_png(result[0, 0], bits=bits)
+    if kind == JSON:
+        return json.dumps({"encoding": "npy", "shape": list(out.shape), "dtype": "float32",
+                           "data": base64.b64encode(encode_npy(out)).decode("ascii")}).encode()
+    return encode_npy(out)

@@ -1,0 +1,226 @@
+"""The HTTP side of /encode, /decode, /reconstruct: auth, limits, payloads, errors, OpenAPI.
+
+Everything a client can get wrong is checked here, in the HTTP process, in the order that
+costs the server least: key (401), query (422), Content-Type (415), Accept (406), declared
+length (413, before any byte of the body is read), streamed length (413), then the payload
+itself (400 / 413 / 422). Only a valid job reaches an inference worker.
+"""
+from __future__ import annotations
+
+import hmac
+import logging
+import time
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from litserve.server import RegularRequestHandler
+from pydantic import BaseModel
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from . import metrics
+from .logs import LOGGER
+from .payloads import (JSON, NPY, PNG, Job, Operation, RequestError, check_content_type,
+                       check_deliverable, decode_body, encode_result, negotiate, parse_options)
+from .spec import Limits, ModelSpec
+
+logger = logging.getLogger(LOGGER)
+ENDPOINTS = ("/encode", "/decode", "/reconstruct", "/health", "/info", "/metrics")
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every request handler needs to know about the server."""
+    spec: ModelSpec
+    limits: Limits
+    api_key: Optional[str]
+
+
+class ErrorBody(BaseModel):
+    status: int
+    error: str
+    detail: str
+
+
+def error_response(status: int, detail: str) -> JSONResponse:
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    return JSONResponse({"status": status, "error": phrase, "detail": detail}, status_code=status)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Every error, ours, FastAPI's (404, 405) or litserve's (504), as one JSON shape."""
+
+    async def request_error(_: Request, err: RequestError) -> JSONResponse:
+        return error_response(err.status, err.detail)
+
+    async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
+        return error_response(err.status_code, str(err.detail))
+
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("bug: %s %s raised", request.method, request.url.path)
+        return error_response(500, f"internal error ({type(err).__name__}); this is a server bug")
+
+    app.add_exception_handler(RequestError, request_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(Exception, unexpected)
+
+
+def authorize(request: Request, api_key: Optional[str]) -> None:
+    if api_key is None:
+        return
+    given = request.headers.get("x-api-key")
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if given is None and scheme.lower() == "bearer":
+        given = token.strip()
+    if not given:
+        raise RequestError(401, "missing API key: send it as 'X-API-Key: <key>' or "
+                                "'Authorization: Bearer <key>'")
+    if not hmac.compare_digest(given.encode(), api_key.encode()):
+        raise RequestError(401, "wrong API key")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it (or its declared length) passes `limit`."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.strip().isdigit():
+            raise RequestError(400, f"Content-Length: expected a byte count, got {declared!r}")
+        if int(declared) > limit:
+            raise RequestError(413, f"body is {int(declared)} bytes; the limit is {limit} "
+                                    "(--max-body-mb)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, f"body exceeds the limit of {limit} bytes (--max-body-mb)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def serve(request: Request, op: Operation, handler: RegularRequestHandler,
+                ctx: Context) -> Response:
+    authorize(request, ctx.api_key)
+    options = parse_options(op, request.query_params)
+    kind = check_content_type(op, request.headers.get("content-type"))
+    answer = negotiate(op, request.headers.get("accept"))
+    body = await read_body(request, ctx.limits.max_body_bytes)
+    payload = await run_in_threadpool(decode_body, body, kind, op, ctx.spec, ctx.limits, options)
+    check_deliverable(answer, len(payload.array))
+    job = Job(payload.array, options.mode, options.seed, options.scaled)
+    result = await handler.handle_request(job, Job)
+    content = await run_in_threadpool(encode_result, result, payload.layout, op, answer,
+                                      options.bits)
+    return Response(content, media_type=answer)
+
+
+def add_operation_route(app: FastAPI, op: Operation, handler: RegularRequestHandler,
+                        ctx: Context) -> None:
+    async def endpoint(request: Request) -> Response:
+        return await serve(request, op, handler, ctx)
+
+    endpoint.__name__ = op.name
+    app.add_api_route(op.path, endpoint, methods=["POST"], response_class=Response,
+                      summary=_SUMMARIES[op.name], description=_description(op, ctx),
+                      openapi_extra=_openapi_extra(op), responses=_responses(op))
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by endpoint and status code, its latency, and those in flight."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        endpoint = scope["path"] if scope["path"] in ENDPOINTS else "other"
+        status = 500
+
+        async def send_and_record(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        gauge = metrics.IN_FLIGHT.labels(endpoint)
+        gauge.inc()
+        start = time.perf_counter()
+        try:
+            await self.app(scope, receive, send_and_record)
+        finally:
+            gauge.dec()
+            metrics.REQUESTS.labels(endpoint, str(status)).inc()
+            metrics.REQUEST_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+
+
+# OpenAPI: the payloads as they really are (FastAPI cannot infer them from a raw Request).
+
+_SUMMARIES = {"encode": "Radio map(s) -> latent(s)", "decode": "Latent(s) -> radio map(s)",
+              "reconstruct": "Radio map(s) -> reconstructed radio map(s)"}
+
+_PARAMETERS = {
+    "mode": ({"type": "string", "enum": ["mean", "sample"], "default": "mean"},
+             "mean: the posterior mean (its mode); sample: a draw from the posterior"),
+    "seed": ({"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+             "with mode=sample: a torch.Generator seed, for reproducible samples"),
+    "scaled": ({"type": "boolean", "default": False},
+               "latents times the model's scale factor (GET /info), as latent diffusion uses "
+               "them; on /decode the latents are divided by it first"),
+    "resize": ({"type": "string", "pattern": r"^\d+,\d+$", "example": "256,256"},
+               "resize input maps to H,W (bilinear) when their size is not accepted"),
+    "bits": ({"type": "integer", "enum": [8, 16], "default": 8},
+             "bit depth of a PNG response"),
+}
+
+_BINARY = {"type": "string", "format": "binary"}
+_JSON_IN = {"type": "object", "required": ["data", "encoding"], "properties": {
+    "data": {"oneOf": [{"type": "string", "format": "byte"},
+                       {"type": "array", "items": {"type": "string", "format": "byte"}}],
+             "description": "base64 of one .npy/.png, or a list of them (a batch, one item each)"},
+    "encoding": {"type": "string", "enum": ["npy", "png"]}}}
+_JSON_OUT = {"type": "object", "properties": {
+    "encoding": {"type": "string", "enum": ["npy"]}, "data": {"type": "string", "format": "byte"},
+    "shape": {"type": "array", "items": {"type": "integer"}},
+    "dtype": {"type": "string", "enum": ["float32"]}}}
+
+
+def _description(op: Operation, ctx: Context) -> str:
+    f, z = ctx.spec.downsample_factor, ctx.spec.latent_channels
+    maps = ("float32 maps in [0, 1]: [H, W], [1, H, W] or a batch [N, 1, H, W]; or one 8/16-bit "
+            "grayscale PNG")
+    latents = f"float32 latents [{z}, H/{f}, W/{f}] or a batch [N, {z}, H/{f}, W/{f}]"
+    takes = maps if op.takes == "map" else latents
+    gives = ("maps in [0, 1], one per input, in the input's layout (npy), or one PNG"
+             if op.gives == "map" else f"latents [{z}, H/{f}, W/{f}] per map (npy)")
+    return (f"Takes {takes}. Accepted sizes: {ctx.limits.accepted()}; at most "
+            f"{ctx.limits.max_request_maps} per request. Gives {gives}; `Accept: "
+            f"{JSON}` wraps the npy in base64. Errors are JSON {{status, error, detail}}.")
+
+
+def _openapi_extra(op: Operation) -> dict:
+    content = {NPY: {"schema": _BINARY}, JSON: {"schema": _JSON_IN}}
+    if op.takes == "map":
+        content[PNG] = {"schema": _BINARY}
+    params = [{"name": name, "in": "query", "required": False, "schema": _PARAMETERS[name][0],
+               "description": _PARAMETERS[name][1]} for name in op.params]
+    return {"requestBody": {"required": True, "content": content}, "parameters": params}
+
+
+def _responses(op: Operation) -> dict:
+    ok = {NPY: {"schema": _BINARY}, JSON: {"schema": _JSON_OUT}}
+    if op.gives == "map":
+        ok[PNG] = {"schema": _BINARY}
+    errors = {400: "undecodable PNG, npy, JSON or base64", 401: "missing or wrong API key",
+              406: "no acceptable response type", 413: "body, pixel count or batch over the limit",
+              415: "unsupported Content-Type",
+              422: "wrong dtype, shape, size, NaN/Inf, values or query option",
+              504: "no worker took the request within --timeout"}
+    responses: dict = {200: {"description": "the result", "content": ok}}
+    for status, text in errors.items():
+        responses[status] = {"description": text, "model": ErrorBody}
+    return responses

@@ -1,0 +1,169 @@
+"""Server options: command line first, then `RADIODIFF_*` environment variables, then defaults."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+ENV_PREFIX = "RADIODIFF_"
+METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess directory
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    backend: Optional[Literal["onnx", "torch"]] = None  # None: chosen from what --model is
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    host: str = "0.0.0.0"
+    port: int = 8000
+    workers_per_device: int = 1
+    threads: int = 0  # intra-op threads per inference worker; 0: the library's default
+    api_servers: int = 1
+    max_batch_size: int = 16
+    batch_timeout: float = 0.01
+    timeout: float = 30.0
+    max_body_mb: float = 64.0
+    max_pixels: int = 512 * 512
+    max_request_maps: int = 64
+    resolution: Optional[tuple[int, int]] = None
+    config: Optional[str] = None
+    api_key_env: Optional[str] = None
+    bf16: bool = False
+    shutdown_timeout: float = 10.0
+    log_level: str = "info"
+
+    @property
+    def max_body_bytes(self) -> int:
+        return int(self.max_body_mb * 1024 * 1024)
+
+
+def _number(text: str, kind: type, ok, expected: str):
+    try:
+        value = kind(text)
+    except ValueError:
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def _non_negative_int(text: str) -> int:
+    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
+
+
+def _non_negative_float(text: str) -> float:
+    return _number(text, float, lambda v: v >= 0, "a number >= 0")
+
+
+def _positive_float(text: str) -> float:
+    return _number(text, float, lambda v: v > 0, "a number > 0")
+
+
+def _port(text: str) -> int:
+    return _number(text, int, lambda v: 1024 <= v <= 65535, "a port in 1024..65535")
+
+
+def _bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Serve a RadioDiff VAE over HTTP: POST /encode, /decode, /reconstruct. "
+                    f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> "
+                    f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE=8); the command line wins.")
+    p.add_argument("--model", help="an export directory (python -m export; serves with onnx) or a "
+                                   "checkpoint / run directory (serves with torch)")
+    p.add_argument("--backend", choices=["onnx", "torch"],
+                   help="default: onnx for an export directory, torch for a checkpoint")
+    p.add_argument("--device", choices=["auto", "cuda", "cpu"],
+                   help="default: auto (cuda if present)")
+    p.add_argument("--host", choices=["0.0.0.0", "127.0.0.1", "::"], help="default: 0.0.0.0")
+    p.add_argument("--port", type=_port, help="default: 8000")
+    p.add_argument("--workers-per-device", type=_positive_int,
+                   help="inference processes per device and endpoint (default 1)")
+    p.add_argument("--threads", type=_non_negative_int,
+                   help="CPU threads per inference process (default 0: one per core; with "
+                        "several processes on few cores, 1 avoids oversubscription)")
+    p.add_argument("--api-servers", type=_positive_int,
+                   help="HTTP processes that parse and encode payloads (default 1)")
+    p.add_argument("--max-batch-size", type=_positive_int,
+                   help="requests merged into one batch, and maps per forward pass (default 16)")
+    p.add_argument("--batch-timeout", type=_non_negative_float,
+                   help="seconds a batch waits to fill (default 0.01)")
+    p.add_argument("--timeout", type=_positive_float,
+                   help="seconds a request may wait for a worker before a 504 (default 30)")
+    p.add_argument("--max-body-mb", type=_positive_float, help="request body limit (default 64)")
+    p.add_argument("--max-pixels", type=_positive_int, help="H*W limit per map (default 262144)")
+    p.add_argument("--max-request-maps", type=_positive_int, help="maps per request (default 64)")
+    p.add_argument("--resolution", type=_positive_int, nargs=2, metavar=("H", "W"),
+                   help="accept only HxW maps (default: any multiple of the downsampling factor)")
+    p.add_argument("--config", help="model YAML for an upstream checkpoint that stores no config")
+    p.add_argument("--api-key-env", metavar="NAME",
+                   help="require the API key held in environment variable NAME")
+    p.add_argument("--bf16", action="store_const", const=True,
+                   help="torch backend on CUDA: run the network in bfloat16")
+    p.add_argument("--shutdown-timeout", type=_positive_float,
+                   help="seconds in-flight requests get after SIGTERM (default 10)")
+    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    return p
+
+
+def _from_env(parser: argparse.ArgumentParser, environ: Mapping[str, str]) -> dict:
+    """Options given as RADIODIFF_* variables, converted and checked like the command line."""
+    values = {}
+    for action in parser._actions:  # argparse exposes no public list of its options
+        if not action.option_strings or action.dest == "help":
+            continue
+        name = ENV_PREFIX + action.dest.upper()
+        if name not in environ:
+            continue
+        raw = environ[name]
+        try:
+            values[action.dest] = _convert(action, raw)
+        except argparse.ArgumentTypeError as err:
+            parser.error(f"{name}={raw!r}: {err}")
+    return values
+
+
+def _convert(action: argparse.Action, raw: str):
+    if action.nargs == 2:
+        parts = raw.replace(",", " ").split()
+        if len(parts) != 2:
+            raise argparse.ArgumentTypeError(f"expected two values such as '256,256', got {raw!r}")
+        return [action.type(p) for p in parts]
+    if isinstance(action, argparse._StoreConstAction):
+        return _bool(raw)
+    value = action.type(raw) if action.type else raw
+    if action.choices is not None and value not in action.choices:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(map(str, action.choices))}")
+    return value
+
+
+def parse_settings(argv: Optional[Sequence[str]] = None,
+                   environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Settings from argv (default sys.argv[1:]) over environ (default os.environ)."""
+    environ = os.environ if environ is None else environ
+    parser = _parser()
+    values = _from_env(parser, environ)
+    given = parser.parse_args(argv)
+    values.update({k: v for k, v in vars(given).items() if v is not None})
+    if not values.get("model"):
+        parser.error(f"--model (or {ENV_PREFIX}MODEL) is required")
+    if "resolution" in values:
+        values["resolution"] = tuple(values["resolution"])
+    known = {f.name for f in dataclasses.fields(Settings)}
+    return Settings(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,96 @@
+"""What is being served: the model's geometry and source, and the limits on what it accepts."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from model.checkpoint import CheckpointError, model_config_of, read_checkpoint, resolve_checkpoint
+from model.config import ModelConfig, to_dict
+from model.manifest import MANIFEST_NAME, read_manifest
+
+from .settings import Settings
+
+
+class ModelSourceError(ValueError):
+    """--model does not name something this server can load; the message says what was expected."""
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """Geometry and provenance of the served autoencoder, known before any worker starts."""
+    backend: Literal["onnx", "torch"]
+    path: str
+    downsample_factor: int
+    latent_channels: int
+    scale_factor: float
+    model_config: dict[str, Any]
+    precision: str = "fp32"
+    graph_files: dict[str, str] = field(default_factory=dict)  # onnx: "encoder"/"decoder" -> file
+
+    @property
+    def config_size(self) -> tuple[int, int]:
+        """The (H, W) the model was configured for (used for the warm-up)."""
+        res = self.model_config["ddconfig"]["resolution"]
+        return (res, res) if isinstance(res, int) else (int(res[0]), int(res[1]))
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What a request may hold."""
+    max_body_bytes: int
+    max_pixels: int
+    max_request_maps: int
+    resolution: Optional[tuple[int, int]] = None
+    factor: int = field(default=1)
+
+    def accepted(self) -> str:
+        """The accepted map sizes, in words, for error messages and /info."""
+        if self.resolution:
+            return f"{self.resolution[0]}x{self.resolution[1]} maps only"
+        return (f"HxW maps with H and W multiples of {self.factor} and H*W <= {self.max_pixels}")
+
+
+def limits_of(settings: Settings, spec: ModelSpec) -> Limits:
+    if settings.resolution:
+        h, w = settings.resolution
+        f = spec.downsample_factor
+        if h % f or w % f:
+            raise ModelSourceError(f"--resolution {h} {w}: both must be multiples of the model's "
+                                   f"downsampling factor {f}")
+    return Limits(settings.max_body_bytes, settings.max_pixels, settings.max_request_maps,
+                  settings.resolution, spec.downsample_factor)
+
+
+def describe_model(settings: Settings) -> ModelSpec:
+    """Read what --model names (export dir, checkpoint, run dir) without building the network."""
+    path = Path(settings.model)
+    is_export = path.is_dir() and (path / MANIFEST_NAME).is_file()
+    backend = settings.backend or ("onnx" if is_export else "torch")
+    if backend == "onnx":
+        if not is_export:
+            raise ModelSourceError(f"{path}: the onnx backend needs an export directory holding "
+                                   f"{MANIFEST_NAME} (run: python -m export --ckpt CKPT --out DIR)")
+        return _from_export(path)
+    if is_export:
+        raise ModelSourceError(f"{path}: is an ONNX export directory; the torch backend needs a "
+                               "checkpoint file or a run directory holding model-N.pt")
+    return _from_checkpoint(path, settings.config)
+
+
+def _from_checkpoint(path: Path, config: Optional[str]) -> ModelSpec:
+    try:
+        ckpt_path = resolve_checkpoint(path)
+        cfg: ModelConfig = model_config_of(read_checkpoint(ckpt_path), ckpt_path, config)
+    except CheckpointError as err:
+        raise ModelSourceError(str(err)) from None
+    return ModelSpec("torch", str(ckpt_path), cfg.ddconfig.downsample_factor, cfg.embed_dim,
+                     cfg.scale_factor, to_dict(cfg))
+
+
+def _from_export(path: Path) -> ModelSpec:
+    manifest = read_manifest(path)  # also checks each graph file against its SHA-256
+    return ModelSpec("onnx", str(path), manifest["downsample_factor"],
+                     manifest["latent_channels"], float(manifest["scale_factor"]),
+                     manifest["model_config"], manifest["precision"],
+                     {name: manifest[name]["file"] for name in ("encoder", "decoder")})

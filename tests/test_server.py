@@ -1,0 +1,545 @@
+"""The real server (`python -m server`, tiny model, CPU) over real HTTP, started once per module.
+
+The last test sends SIGTERM and checks that every process of the server ends: keep it last.
+"""
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from model.autoencoder import AutoencoderKL
+from model.checkpoint import load_autoencoder, save_checkpoint
+from model.config import to_dict
+from model.distributions import DiagonalGaussianDistribution
+from model.io import decode_png, encode_npy, encode_png, from_model, to_model
+from server.client import Client, ServerError
+from tests.conftest import tiny_model_config
+
+REPO = Path(__file__).resolve().parent.parent
+KEY = "test-key-123"
+NPY, PNG, JSON = "application/x-npy", "image/png", "application/json"
+ATOL = 1e-4  # the server's CPU path (Winograd convolutions) re-associates fp32 sums
+MAX_PIXELS = 128 * 128
+MAX_MAPS = 8
+
+
+@dataclass
+class Server:
+    url: str
+    port: int
+    proc: subprocess.Popen
+    model: AutoencoderKL
+    log: Path
+
+    def post(self, path, body=b"", content_type=NPY, accept=None, params=None, key=KEY,
+             headers=None):
+        h = {"Content-Type": content_type, **({"X-API-Key": key} if key else {})}
+        if accept:
+            h["Accept"] = accept
+        return requests.post(self.url + path, data=body, params=params,
+                             headers={**h, **(headers or {})}, timeout=60)
+
+    def metrics(self) -> dict[str, float]:
+        text = requests.get(self.url + "/metrics", timeout=30).text
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#"):
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _log_tail(path: Path) -> str:
+    return path.read_text(errors="replace")[-4000:] if path.exists() else ""
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    root = tmp_path_factory.mktemp("server")
+    torch.manual_seed(0)
+    net = AutoencoderKL.from_config(tiny_model_config())
+    ckpt = save_checkpoint(root / "model-0.pt", {"model": net.state_dict(), "step": 0,
+                                                 "config": {"model": to_dict(tiny_model_config())}})
+    port, log = _free_port(), root / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RADIODIFF_TEST_KEY": KEY,
+           "RADIODIFF_BATCH_TIMEOUT": "0.05", "RADIODIFF_MAX_REQUEST_MAPS": str(MAX_MAPS)}
+    cmd = [sys.executable, "-m", "server", "--model", str(root), "--host", "127.0.0.1",
+           "--port", str(port), "--api-key-env", "RADIODIFF_TEST_KEY", "--max-body-mb", "1",
+           "--max-pixels", str(MAX_PIXELS), "--max-batch-size", "8", "--threads", "1",
+           "--log-level", "warning"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the server's three workers share the same few cores
+    try:
+        _wait_ready(url, proc, log)
+        yield Server(url, port, proc, load_autoencoder(ckpt), log)
+    finally:
+        torch.set_num_threads(threads)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                pass
+        _kill_group(proc.pid)
+
+
+def _wait_ready(url: str, proc: subprocess.Popen, log: Path, limit: float = 180.0) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"server exited with {proc.returncode}:\n{_log_tail(log)}")
+        try:
+            if requests.get(url + "/health", timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        time.sleep(0.3)
+    pytest.fail(f"server not ready after {limit} s:\n{_log_tail(log)}")
+
+
+def _group_members(pgid: int) -> list[str]:
+    """Live (non-zombie) processes of a process group, as 'pid state'."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            found.append(f"{stat.parent.name} {fields[0]}")
+    return found
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+# ---- helpers: the model run directly, in the test process ----------------------------------
+
+def _maps(n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).random((n, 1, size, size), dtype=np.float32)
+
+
+def _posterior(model, maps: np.ndarray) -> DiagonalGaussianDistribution:
+    with torch.no_grad():
+        return model.encode(to_model(maps))
+
+
+def _mean(model, maps):
+    return _posterior(model, maps).mode().numpy()
+
+
+def _decode(model, latents):
+    with torch.no_grad():
+        return from_model(model.decode(torch.as_tensor(latents))).numpy()
+
+
+def _npy(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == NPY
+    return np.load(io.BytesIO(response.content))
+
+
+def _from_json(response) -> np.ndarray:
+    assert response.status_code == 200, response.text
+    doc = response.json()
+    array = np.load(io.BytesIO(base64.b64decode(doc["data"])))
+    assert doc["encoding"] == "npy" and doc["shape"] == list(array.shape)
+    return array
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# ---- endpoints, payload formats, equality with the model -----------------------------------
+
+def test_health_info_and_openapi(server):
+    health = requests.get(server.url + "/health", timeout=10)
+    assert health.status_code == 200 and health.json()["status"] == "ready"
+    assert requests.get(server.url + "/info", timeout=10).status_code == 401
+    info = requests.get(server.url + "/info", headers={"X-API-Key": KEY}, timeout=10).json()
+    assert info["model"]["downsample_factor"] == 4 and info["model"]["latent_channels"] == 3
+    assert info["model"]["scale_factor"] == pytest.approx(0.3)
+    assert info["limits"]["max_pixels"] == MAX_PIXELS
+    assert info["limits"]["max_request_maps"] == MAX_MAPS  # set through RADIODIFF_*
+    workers = {w["endpoint"]: w for w in info["workers"]}
+    assert set(workers) == {"/encode", "/decode", "/reconstruct"}
+    assert all(w["backend"] == "torch" and w["device"] == "cpu" for w in workers.values())
+    assert info["versions"]["torch"] == torch.__version__
+    spec = requests.get(server.url + "/openapi.json", timeout=10).json()
+    encode = spec["paths"]["/encode"]["post"]
+    assert set(encode["requestBody"]["content"]) == {PNG, NPY, JSON}
+    assert {p["name"] for p in encode["parameters"]} == {"mode", "seed", "scaled", "resize"}
+    decode = spec["paths"]["/decode"]["post"]
+    assert set(decode["requestBody"]["content"]) == {NPY, JSON}
+    assert PNG in decode["responses"]["200"]["content"]
+    assert "415" in decode["responses"] and "413" in decode["responses"]
+
+
+def test_encode_each_input_format_matches_the_model(server):
+    maps = _maps(3)
+    want = _mean(server.model, maps)
+    np.testing.assert_allclose(_npy(server.post("/encode", encode_npy(maps))), want, atol=ATOL)
+    single = _npy(server.post("/encode", encode_npy(maps[0, 0])))  # [H, W] -> [z, h, w]
+    np.testing.assert_allclose(single, want[0], atol=ATOL)
+    np.testing.assert_allclose(_npy(server.post("/encode", encode_npy(maps[0]))), want[0],
+                               atol=ATOL)
+    for bits in (8, 16):
+        png = encode_png(maps[1, 0], bits=bits)
+        got = _npy(server.post("/encode", png, content_type=PNG))
+        np.testing.assert_allclose(got, _mean(server.model, decode_png(png)[None, None])[0],
+                                   atol=ATOL)
+    doc = {"encoding": "png", "data": [_b64(encode_png(m[0], bits=16)) for m in maps]}
+    got = _from_json(server.post("/encode", json.dumps(doc), content_type=JSON, accept=JSON))
+    np.testing.assert_allclose(got, want, atol=1e-3)  # 16-bit quantised input
+    doc = {"encoding": "npy", "data": _b64(encode_npy(maps))}
+    np.testing.assert_allclose(_npy(server.post("/encode", json.dumps(doc),
+                                                content_type=JSON)), want, atol=ATOL)
+
+
+def test_decode_and_reconstruct_each_format_match_the_model(server):
+    maps = _maps(2, seed=1)
+    latents = _mean(server.model, maps)
+    want = _decode(server.model, latents)
+    np.testing.assert_allclose(_npy(server.post("/decode", encode_npy(latents))), want,
+                               atol=ATOL)
+    one = _npy(server.post("/decode", encode_npy(latents[0])))  # [z, h, w] -> [1, H, W]
+    np.testing.assert_allclose(one, want[0], atol=ATOL)
+    doc = {"encoding": "npy", "data": [_b64(encode_npy(z)) for z in latents]}
+    got = _from_json(server.post("/decode", json.dumps(doc), content_type=JSON, accept=JSON))
+    np.testing.assert_allclose(got, want, atol=ATOL)
+    for bits in (8, 16):
+        r = server.post("/decode", encode_npy(latents[:1]), accept=PNG, params={"bits": bits})
+        assert r.status_code == 200 and r.headers["content-type"] == PNG
+        np.testing.assert_allclose(decode_png(r.content), want[0, 0], atol=0.5 / (2**bits - 1)
+                                   + ATOL)
+    recon = _decode(server.model, latents)
+    np.testing.assert_allclose(_npy(server.post("/reconstruct", encode_npy(maps))), recon,
+                               atol=ATOL)
+    png_in = encode_png(maps[0, 0], bits=16)
+    r = server.post("/reconstruct", png_in, content_type=PNG, accept=PNG, params={"bits": 16})
+    expected = _decode(server.model, _mean(server.model, decode_png(png_in)[None, None]))
+    np.testing.assert_allclose(decode_png(r.content), expected[0, 0], atol=1e-4)
+
+
+def test_encode_then_decode_equals_reconstruct(server):
+    maps = _maps(2, seed=2)
+    z = _npy(server.post("/encode", encode_npy(maps)))
+    via_latents = _npy(server.post("/decode", encode_npy(z)))
+    np.testing.assert_allclose(via_latents, _npy(server.post("/reconstruct", encode_npy(maps))),
+                               atol=1e-5)
+
+
+def test_scaled_latents_use_the_scale_factor(server):
+    maps = _maps(1, seed=3)
+    z = _npy(server.post("/encode", encode_npy(maps)))
+    scaled = _npy(server.post("/encode", encode_npy(maps), params={"scaled": "true"}))
+    np.testing.assert_allclose(scaled, 0.3 * z, rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(_npy(server.post("/decode", encode_npy(scaled),
+                                                params={"scaled": "true"})),
+                               _npy(server.post("/decode", encode_npy(z))), atol=ATOL)
+
+
+def test_sample_mode_is_reproducible_with_a_seed_and_matches_the_model(server):
+    maps = _maps(2, seed=4)
+    params = {"mode": "sample", "seed": "7"}
+    first = _npy(server.post("/encode", encode_npy(maps), params=params))
+    again = _npy(server.post("/encode", encode_npy(maps), params=params))
+    other = _npy(server.post("/encode", encode_npy(maps), params={"mode": "sample", "seed": "8"}))
+    assert np.array_equal(first, again) and not np.allclose(first, other)
+    direct = _posterior(server.model, maps).sample(torch.Generator().manual_seed(7)).numpy()
+    np.testing.assert_allclose(first, direct, atol=ATOL)
+    assert not np.allclose(first, _mean(server.model, maps), atol=1e-3)
+    recon = _npy(server.post("/reconstruct", encode_npy(maps), params=params))
+    np.testing.assert_allclose(recon, _decode(server.model, direct), atol=ATOL)
+
+
+def test_resize_on_request_and_size_errors_naming_what_is_accepted(server):
+    odd = _maps(1, size=62, seed=5)
+    r = server.post("/encode", encode_npy(odd))
+    assert r.status_code == 422
+    assert "multiples of 4" in r.json()["detail"] and "resize" in r.json()["detail"]
+    z = _npy(server.post("/encode", encode_npy(odd), params={"resize": "64,64"}))
+    assert z.shape == (1, 3, 16, 16)
+    r = server.post("/reconstruct", encode_npy(_maps(1, size=128)))  # 128x128 = the limit
+    assert _npy(r).shape == (1, 1, 128, 128)
+
+
+# ---- cross-request batching --------------------------------------------------------------
+
+def test_concurrent_requests_are_batched_and_answered_as_one_by_one(server):
+    requests_ = []
+    for i in range(8):
+        maps = _maps(1 + i % 3, size=64 if i % 4 else 32, seed=10 + i)
+        path = "/encode" if i % 2 else "/reconstruct"
+        params = {"mode": "sample", "seed": str(i)} if i % 3 == 0 else {}
+        requests_.append((path, encode_npy(maps), params))
+    alone = [_npy(server.post(p, body, params=q)) for p, body, q in requests_]
+    before = server.metrics()
+    barrier = threading.Barrier(len(requests_))
+
+    def send(item):
+        path, body, params = item
+        barrier.wait()
+        return _npy(server.post(path, body, params=params))
+
+    with ThreadPoolExecutor(len(requests_)) as pool:
+        together = list(pool.map(send, requests_))
+    for a, b in zip(alone, together):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(a, b, atol=ATOL)
+    after = server.metrics()
+    merged = 0.0
+    for path in ("/encode", "/reconstruct"):
+        count, total = (after[f'radiodiff_batch_requests_{kind}{{endpoint="{path}"}}']
+                        - before[f'radiodiff_batch_requests_{kind}{{endpoint="{path}"}}']
+                        for kind in ("count", "sum"))
+        assert total == 4  # every request ran exactly once
+        merged += total - count
+    assert merged > 0, "no worker batch held more than one request"
+
+
+# ---- bad input: a 4xx that says what was expected, and the server keeps serving ----------
+
+def _tiny_png_header(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height pixels, with almost no data behind it."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return (struct.pack(">I", len(data)) + kind + data
+                + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+def _npy_claiming(shape) -> bytes:
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, {"descr": "<f4", "fortran_order": False,
+                                               "shape": shape})
+    return buf.getvalue() + b"\0" * 16
+
+
+def _rgb_png() -> bytes:
+    from PIL import Image
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+GOOD = encode_npy(_maps(1))
+NAN = _maps(1)
+NAN[0, 0, 3, 3] = np.nan
+INF = _maps(1)
+INF[0, 0, 0, 0] = np.inf
+BAD_INPUTS = [
+    # (path, body, content type, accept, params, status, words in the detail)
+    ("/encode", GOOD, "text/plain", None, None, 415, "takes Content-Type image/png"),
+    ("/encode", GOOD, "", None, None, 415, "no Content-Type"),
+    ("/decode", encode_png(_maps(1)[0, 0]), PNG, None, None, 415, "application/x-npy"),
+    ("/encode", b"\x89PNG\r\n\x1a\ngarbage", PNG, None, None, 400, "not a decodable PNG"),
+    ("/encode", encode_png(_maps(1)[0, 0])[:200], PNG, None, None, 400, "PNG"),
+    ("/encode", _rgb_png(), PNG, None, None, 400, "grayscale"),
+    ("/encode", b"not an npy file", NPY, None, None, 400, "not a readable .npy"),
+    ("/encode", _npy_claiming((100000, 100000)), NPY, None, None, 400, "header declares"),
+    ("/encode", encode_npy(_maps(1).astype(np.float64)), NPY, None, None, 422, "float32"),
+    ("/encode", encode_npy((_maps(1) * 255).astype(np.uint8)), NPY, None, None, 422, "float32"),
+    ("/encode", encode_npy(_maps(3)[:, 0]), NPY, None, None, 422, "[N, 1, H, W]"),
+    ("/encode", encode_npy(np.zeros((2, 2, 64, 64), np.float32)), NPY, None, None, 422,
+     "[N, 1, H, W]"),
+    ("/encode", encode_npy(np.zeros((0, 1, 64, 64), np.float32)), NPY, None, None, 422,
+     "1 to 8"),
+    ("/encode", encode_npy(_maps(1, size=66)), NPY, None, None, 422, "multiples of 4"),
+    ("/encode", encode_npy(NAN), NPY, None, None, 422, "NaN or Inf"),
+    ("/reconstruct", encode_npy(INF), NPY, None, None, 422, "NaN or Inf"),
+    ("/encode", encode_npy(_maps(1) * 3), NPY, None, None, 422, "[0, 1]"),
+    ("/decode", encode_npy(np.zeros((1, 4, 16, 16), np.float32)), NPY, None, None, 422,
+     "[N, 3, h, w]"),
+    ("/decode", encode_npy(np.full((1, 3, 16, 16), np.nan, np.float32)), NPY, None, None, 422,
+     "NaN"),
+    ("/encode", GOOD, NPY, None, {"mode": "median"}, 422, "mode: expected one of mean, sample"),
+    ("/encode", GOOD, NPY, None, {"seed": "3"}, 422, "mode=sample"),
+    ("/encode", GOOD, NPY, None, {"mode": "sample", "seed": "-1"}, 422, "seed"),
+    ("/encode", GOOD, NPY, None, {"bits": "16"}, 422, "unknown query parameter 'bits'"),
+    ("/encode", GOOD, NPY, None, {"resize": "64"}, 422, "H,W"),
+    ("/encode", b'{"data": "AAAA"}', JSON, None, None, 422, '"encoding"'),
+    ("/encode", b'{"data": "AAAA", "encoding": "npy", "x": 1}', JSON, None, None, 422,
+     "expected a JSON object"),
+    ("/encode", b"{not json", JSON, None, None, 400, "not valid JSON"),
+    ("/encode", b"[" * 100000, JSON, None, None, 400, "not valid JSON"),
+    ("/encode", b'{"data": "%%%", "encoding": "npy"}', JSON, None, None, 400, "base64"),
+    ("/decode", json.dumps({"data": _b64(encode_png(_maps(1)[0, 0])), "encoding": "png"}),
+     JSON, None, None, 422, "latents cannot be PNG"),
+    ("/encode", json.dumps({"encoding": "npy", "data": [_b64(encode_npy(_maps(1, 64)[0])),
+                                                        _b64(encode_npy(_maps(1, 32)[0]))]}),
+     JSON, None, None, 422, "share a shape"),
+    ("/encode", _tiny_png_header(20000, 20000), PNG, None, None, 413, "400000000 pixels"),
+    ("/encode", encode_npy(_maps(1, size=256)), NPY, None, None, 413, "65536 pixels"),
+    ("/encode", encode_npy(_maps(MAX_MAPS + 1, size=32)), NPY, None, None, 413, "1 to 8"),
+    ("/encode", encode_npy(np.zeros((1, 1, 600, 600), np.float32)), NPY, None, None, 413,
+     "limit is 1048576"),
+    ("/encode", GOOD, NPY, PNG, None, 406, "answers with application/x-npy, application/json"),
+    ("/reconstruct", encode_npy(_maps(2)), NPY, PNG, None, 406, "holds one map"),
+]
+
+
+@pytest.mark.parametrize("path,body,ctype,accept,params,status,words", BAD_INPUTS,
+                         ids=[f"{b[5]}-{b[6][:24]}" for b in BAD_INPUTS])
+def test_bad_input_gets_a_4xx_naming_what_was_expected(server, path, body, ctype, accept,
+                                                       params, status, words):
+    r = server.post(path, body, content_type=ctype, accept=accept, params=params)
+    assert r.status_code == status, r.text
+    doc = r.json()
+    assert doc["status"] == status and words in doc["detail"], doc
+
+
+def _response(sock: socket.socket) -> bytes:
+    """Read one HTTP response (headers and a Content-Length body) from a raw socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_oversized_body_is_refused_before_it_is_read(server):
+    head = (f"POST /encode HTTP/1.1\r\nHost: x\r\nX-API-Key: {KEY}\r\n"
+            f"Content-Type: {NPY}\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head + b"Content-Length: 10000000000\r\n\r\n")  # 10 GB announced, none sent
+        answer = _response(s)
+    assert answer.startswith(b"HTTP/1.1 413") and b"the limit is 1048576" in answer
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")  # no length: counted as read
+        for size in (0x40000,) * 4 + (0x10,):  # 1 MiB + 16 bytes, then silence
+            s.sendall(b"%x\r\n" % size + b"\0" * size + b"\r\n")
+        answer = _response(s)
+    assert answer.startswith(b"HTTP/1.1 413") and b"exceeds the limit" in answer
+
+
+def test_server_keeps_serving_after_bad_input(server):
+    pids = {w["pid"] for w in requests.get(server.url + "/info", headers={"X-API-Key": KEY},
+                                           timeout=10).json()["workers"]}
+    assert _npy(server.post("/reconstruct", GOOD)).shape == (1, 1, 64, 64)
+    info = requests.get(server.url + "/info", headers={"X-API-Key": KEY}, timeout=10).json()
+    assert {w["pid"] for w in info["workers"]} == pids  # no worker died or was replaced
+    assert all(os.path.exists(f"/proc/{pid}") for pid in pids)
+
+
+def test_api_key_is_required(server):
+    for key, headers in ((None, None), ("wrong", None)):
+        r = server.post("/encode", GOOD, key=key, headers=headers)
+        assert r.status_code == 401 and "API key" in r.json()["detail"]
+    r = server.post("/encode", GOOD, key=None, headers={"Authorization": f"Bearer {KEY}"})
+    assert r.status_code == 200
+    assert requests.get(server.url + "/health", timeout=10).status_code == 200  # for balancers
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+def test_metrics_count_what_was_sent(server):
+    before = server.metrics()
+    for n in (1, 2, 3):
+        _npy(server.post("/encode", encode_npy(_maps(n, seed=n))))
+    for _ in range(2):
+        assert server.post("/encode", GOOD, content_type="text/csv").status_code == 415
+    after = server.metrics()
+
+    def delta(name):
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('radiodiff_requests_total{code="200",endpoint="/encode"}') == 3
+    assert delta('radiodiff_requests_total{code="415",endpoint="/encode"}') == 2
+    assert delta('radiodiff_maps_processed_total{endpoint="/encode"}') == 6
+    assert delta('radiodiff_request_duration_seconds_count{endpoint="/encode"}') == 5
+    assert delta('radiodiff_model_duration_seconds_count{endpoint="/encode"}') == 3
+    assert delta('radiodiff_batch_size_sum{endpoint="/encode"}') == 6
+    assert after['radiodiff_requests_in_flight{endpoint="/encode"}'] == 0
+
+
+# ---- the client --------------------------------------------------------------------------
+
+def test_client_numpy_in_and_out(server):
+    vae = Client(server.url, api_key=KEY, timeout=60)
+    assert vae.ready() and vae.info()["model"]["latent_channels"] == 3
+    maps = _maps(2, seed=20)
+    z = vae.encode(maps)
+    np.testing.assert_allclose(z, _mean(server.model, maps), atol=ATOL)
+    np.testing.assert_allclose(vae.encode([m[0] for m in maps]), z, atol=1e-6)  # list of [H, W]
+    np.testing.assert_allclose(vae.encode(maps[0, 0].astype(np.float64)), z[0], atol=ATOL)
+    zs = vae.encode(maps, mode="sample", seed=1, scaled=True)
+    np.testing.assert_allclose(vae.decode(zs, scaled=True),
+                               _decode(server.model, zs / 0.3), atol=ATOL)
+    np.testing.assert_allclose(vae.reconstruct(maps), vae.decode(z), atol=1e-5)
+    with pytest.raises(ServerError) as err:
+        vae.encode(maps * 5)
+    assert err.value.status == 422 and "[0, 1]" in err.value.detail and "/encode" in str(err.value)
+    with pytest.raises(ServerError) as err:
+        Client(server.url, api_key="nope").decode(z)
+    assert err.value.status == 401
+
+
+def test_client_retries_connection_errors_with_backoff():
+    vae = Client(f"http://127.0.0.1:{_free_port()}", retries=2, backoff=0.1, timeout=5)
+    start = time.monotonic()
+    with pytest.raises(requests.ConnectionError):
+        vae.encode(_maps(1))
+    assert time.monotonic() - start >= 0.1 + 0.2  # slept between the three attempts
+
+
+# ---- graceful shutdown (keep last: it stops the module's server) ---------------------------
+
+def test_sigterm_finishes_in_flight_requests_and_ends_every_process(server):
+    assert len(_group_members(server.proc.pid)) >= 6  # main, manager, 3 workers, HTTP, ...
+    maps = encode_npy(_maps(4, size=128, seed=30))
+    result = {}
+    sender = threading.Thread(target=lambda: result.update(r=server.post("/reconstruct", maps)))
+    sender.start()
+    gauge = 'radiodiff_requests_in_flight{endpoint="/reconstruct"}'
+    deadline = time.monotonic() + 30
+    while server.metrics().get(gauge, 0) < 1 and sender.is_alive():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    server.proc.send_signal(signal.SIGTERM)
+    started = time.monotonic()
+    sender.join(60)
+    assert result["r"].status_code == 200, "the in-flight request was cut short"
+    assert _npy(result["r"]).shape == (4, 1, 128, 128)
+    assert server.proc.wait(30) == 0, _log_tail(server.log)
+    while _group_members(server.proc.pid) and time.monotonic() - started < 30:
+        time.sleep(0.1)
+    assert _group_members(server.proc.pid) == [], "processes left after SIGTERM"
+    assert time.monotonic() - started < 30

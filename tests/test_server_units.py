@@ -1,0 +1,142 @@
+"""Server parts without a running server: options, model sources, size rules, Accept, and the
+onnxruntime backend (on a real `python -m export` directory) against the torch backend."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from model.autoencoder import AutoencoderKL
+from model.checkpoint import load_autoencoder, save_checkpoint
+from model.config import to_dict
+from model.io import encode_npy, from_model, to_model
+from server.__main__ import main
+from server.apis import DecodeAPI, EncodeAPI, ReconstructAPI
+from server.payloads import (OPERATIONS, Job, Options, RequestError, decode_body, negotiate,
+                             parse_options)
+from server.settings import Settings, parse_settings
+from server.spec import ModelSourceError, describe_model, limits_of
+from tests.conftest import tiny_model_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    torch.manual_seed(1)
+    net = AutoencoderKL.from_config(tiny_model_config())
+    path = tmp_path_factory.mktemp("units") / "model-0.pt"
+    return save_checkpoint(path, {"model": net.state_dict(), "step": 0,
+                                  "config": {"model": to_dict(tiny_model_config())}})
+
+
+def test_options_come_from_the_command_line_then_radiodiff_env_then_defaults():
+    env = {"RADIODIFF_MODEL": "/m", "RADIODIFF_PORT": "9000", "RADIODIFF_MAX_BATCH_SIZE": "4",
+           "RADIODIFF_RESOLUTION": "256,256", "RADIODIFF_BF16": "true"}
+    s = parse_settings(["--port", "9100"], env)
+    assert (s.model, s.port, s.max_batch_size, s.resolution, s.bf16) == (
+        "/m", 9100, 4, (256, 256), True)
+    assert s.batch_timeout == 0.01 and s.device == "auto" and s.backend is None
+    assert parse_settings(["--model", "/x", "--resolution", "320", "320"], {}).resolution == (
+        320, 320)
+
+
+@pytest.mark.parametrize("argv,env,words", [
+    ([], {}, "--model (or RADIODIFF_MODEL) is required"),
+    (["--model", "m"], {"RADIODIFF_MAX_BATCH_SIZE": "0"}, "RADIODIFF_MAX_BATCH_SIZE='0': expected a"
+                                                          " positive integer"),
+    (["--model", "m"], {"RADIODIFF_DEVICE": "tpu"}, "RADIODIFF_DEVICE='tpu': expected one of"),
+    (["--model", "m"], {"RADIODIFF_RESOLUTION": "256"}, "expected two values"),
+    (["--model", "m", "--port", "80"], {}, "expected a port in 1024..65535, got '80'"),
+])
+def test_bad_options_name_the_option_and_what_was_expected(argv, env, words, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        parse_settings(argv, env)
+    assert exit_.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_startup_errors_name_what_is_wrong(tmp_path, checkpoint, caplog, monkeypatch):
+    (tmp_path / "broken.pt").write_bytes(b"not a checkpoint")
+    monkeypatch.delenv("RADIODIFF_NO_SUCH_KEY", raising=False)
+    cases = [(["--model", str(tmp_path / "nothere.pt")], "no such checkpoint file"),
+             (["--model", str(tmp_path / "broken.pt")], "broken.pt: "),
+             (["--model", str(checkpoint), "--backend", "onnx"], "python -m export"),
+             (["--model", str(checkpoint), "--resolution", "66", "66"], "multiples of the model's"),
+             (["--model", str(checkpoint), "--api-key-env", "RADIODIFF_NO_SUCH_KEY"],
+              "RADIODIFF_NO_SUCH_KEY: that environment variable is unset")]
+    for argv, words in cases:
+        caplog.clear()
+        assert main(argv) == 2
+        assert words in caplog.text, caplog.text
+
+
+def test_pinned_resolution_accepts_only_that_size(checkpoint):
+    settings = Settings(model=str(checkpoint), resolution=(64, 64))
+    spec = describe_model(settings)
+    limits = limits_of(settings, spec)
+    op = OPERATIONS["encode"]
+    maps = np.random.default_rng(0).random((1, 1, 32, 32), dtype=np.float32)
+    npy = encode_npy(maps)
+    with pytest.raises(RequestError) as err:
+        decode_body(npy, "application/x-npy", op, spec, limits, Options())
+    assert err.value.status == 422 and "64x64 maps only" in err.value.detail
+    resized = decode_body(npy, "application/x-npy", op, spec, limits, Options(resize=(64, 64)))
+    assert resized.array.shape == (1, 1, 64, 64) and 0 <= resized.array.min()
+    latent = encode_npy(np.zeros((3, 8, 8), np.float32))  # decodes to 32x32
+    with pytest.raises(RequestError, match="latent 8x8 decodes to a map of 32x32"):
+        decode_body(latent, "application/x-npy", OPERATIONS["decode"], spec, limits, Options())
+
+
+def test_accept_negotiation_follows_preferences():
+    decode, encode = OPERATIONS["decode"], OPERATIONS["encode"]
+    assert negotiate(decode, None) == "application/x-npy"
+    assert negotiate(decode, "image/*") == "image/png"
+    assert negotiate(decode, "image/png;q=0.5, application/json") == "application/json"
+    assert negotiate(encode, "image/png, */*;q=0.1") == "application/x-npy"
+    with pytest.raises(RequestError, match="answers with application/x-npy, application/json"):
+        negotiate(encode, "image/png, text/html")
+    assert parse_options(encode, {"mode": "sample", "seed": "0", "scaled": "1"}) == Options(
+        mode="sample", seed=0, scaled=True)
+
+
+# ---- onnxruntime backend on a real export ----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def export_dir(checkpoint, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("export") / "onnx"
+    cmd = [sys.executable, "-m", "export", "--ckpt", str(checkpoint), "--out", str(out),
+           "--exporter", "torchscript", "--no-check"]  # parity: checked below, on our terms
+    done = subprocess.run(cmd, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout + done.stderr
+    return out
+
+
+def test_onnx_backend_serves_an_export_like_the_model(export_dir, checkpoint):
+    spec = describe_model(Settings(model=str(export_dir)))
+    assert spec.backend == "onnx" and spec.downsample_factor == 4
+    with pytest.raises(ModelSourceError, match="ONNX export directory"):
+        describe_model(Settings(model=str(export_dir), backend="torch"))
+    encode, decode, reconstruct = (cls(spec, max_batch_size=2, batch_timeout=0.0)
+                                   for cls in (EncodeAPI, DecodeAPI, ReconstructAPI))
+    for api in (encode, decode, reconstruct):
+        api.setup("cpu")  # what each inference worker runs, warm-up included
+    assert encode.backend.describe()["provider"] == "CPUExecutionProvider"
+    model = load_autoencoder(checkpoint)
+    rng = np.random.default_rng(2)
+    maps = [rng.random((n, 1, 64, 64), dtype=np.float32) for n in (1, 3)]
+    jobs = [Job(maps[0]), Job(maps[1], mode="sample", seed=5)]  # 4 maps: two forward passes
+    with torch.no_grad():
+        posteriors = [model.encode(to_model(m)) for m in maps]
+        want_z = [posteriors[0].mode(), posteriors[1].sample(torch.Generator().manual_seed(5))]
+        want_maps = [from_model(model.decode(z)) for z in want_z]
+    for got, want in [*zip(encode.predict(jobs), want_z), *zip(reconstruct.predict(jobs),
+                                                                want_maps)]:
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+    (got,) = decode.predict([Job(want_z[1].numpy())])
+    np.testing.assert_allclose(got, want_maps[1].numpy(), atol=1e-4)
