@@ -3,7 +3,9 @@ path (plain fp32 baseline, model/inference.py fast paths, onnxruntime, the diffu
 the same weights, side by side in one run.
 
 Per (op, batch): every path is warmed up, then the timed repeats go round-robin over the paths
-(repeat r runs each path once), so a change in machine load hits all paths alike. Accuracy is
+(repeat r runs each path once), so a change in machine load hits all paths alike. Each call
+runs under its path's malloc setting (model.inference.malloc_reuse: on for paths with
+reuse_memory, glibc's steady-state default for the others), though the setting is process-wide. Accuracy is
 each path's output against the baseline's on synthetic radio maps: PSNR (maps in [0, 1];
 latents: data range = the baseline latents' peak-to-peak) and max abs error.
 """
@@ -17,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from model.inference import malloc_reuse
 from model.io import from_model
 from model.metrics import psnr
 
@@ -115,6 +118,9 @@ def _call(runner: Runner, op: str, x: torch.Tensor) -> torch.Tensor:
 
 def _timed(runner: Runner, op: str, x: torch.Tensor, device: torch.device
            ) -> tuple[float, torch.Tensor]:
+    """One call's wall time and output, under the runner's own (process-wide) malloc setting."""
+    if device.type == "cpu":
+        malloc_reuse(runner.reuse_memory)
     start = time.perf_counter()
     out = _call(runner, op, x)
     synchronize(device)

@@ -33,6 +33,7 @@ class Runner:
     encode: Fn
     decode: Fn
     precision: str = "fp32"  # which peak FLOP/s applies
+    reuse_memory: bool = False  # the process-wide malloc setting this path runs under
     setup_s: float = 0.0
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
@@ -62,7 +63,8 @@ def fast(name: str, model: AutoencoderKL, device: torch.device,
     overrides = {} if options is None else {**off, "precision": "fp32", **options}
     prepared = prepare_for_inference(copy.deepcopy(model), device, **overrides)
     return Runner(name, lambda x: prepared.encode(x).mean.cpu(),
-                  lambda z: prepared.decode(z).cpu(), prepared.options.precision)
+                  lambda z: prepared.decode(z).cpu(), prepared.options.precision,
+                  prepared.options.reuse_memory)
 
 
 def onnx(name: str, model: AutoencoderKL, provider: str, threads: int,
@@ -125,8 +127,9 @@ def diffusers_peer(model: AutoencoderKL, device: torch.device, workdir: Path) ->
 
 # "default" is prepare_for_inference's choice for the device; the others name their options.
 CPU_PATHS = ("baseline", "default", "channels_last", "winograd", "fused_attention",
-             "winograd+fused_attention+channels_last", "bf16", "compile",
-             "compile+winograd+fused_attention", "onnx-cpu", "diffusers")
+             "reuse_memory", "winograd+fused_attention", "channels_last+reuse_memory",
+             "bf16", "compile", "compile+winograd+fused_attention+reuse_memory", "onnx-cpu",
+             "diffusers")
 GPU_PATHS = ("baseline", "default", "channels_last", "fused_attention", "bf16", "fp16",
              "bf16+channels_last+fused_attention", "fp16+channels_last+fused_attention",
              "compile", "compile+bf16+channels_last", "cuda_graphs+bf16+channels_last",

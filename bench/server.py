@@ -160,14 +160,18 @@ def load(port: int, body: bytes, concurrency: int, requests: int) -> dict:
             "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
 
 
-def direct(model: Path, backend: str, x: np.ndarray, batch: int) -> dict:
-    """The same backend the server loads, called in this process: ms per map at `batch`."""
+def direct(model: Path, backend: str, x: np.ndarray, batches: list[int]) -> dict[int, dict]:
+    """The same backend the server loads, called in this process: ms per map per batch size."""
     from server.backends import load_backend
 
     engine = load_backend(_spec(model, backend), "cpu")
-    maps = to_model(np.repeat(x, batch, axis=0))
-    run = median_time(lambda: engine.encode(maps), warmup=1, repeats=5)
-    return {"batch": batch, "ms_per_map": 1e3 * run["median_s"] / batch}
+    runs = {}
+    for batch in batches:
+        maps = to_model(np.repeat(x, batch, axis=0))
+        run = median_time(lambda: engine.encode(maps), warmup=1, repeats=5)
+        runs[batch] = {"batch": batch, "ms_per_map": 1e3 * run["median_s"] / batch}
+    del engine
+    return runs
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -181,8 +185,8 @@ def run(args: argparse.Namespace) -> dict:
     size = args.size or _spec(model, args.backend).config_size[0]
     x = (synthetic_maps(1, size, size).numpy() + 1) / 2
     body = encode_npy(x.astype(np.float32))
-    direct_runs = {1: direct(model, args.backend, x, 1),
-                   args.max_batch_size: direct(model, args.backend, x, args.max_batch_size)}
+    batches = sorted({1} | {min(c, args.max_batch_size) for c in args.concurrency})
+    direct_runs = direct(model, args.backend, x, batches)
     rows = []
     for label, max_batch in (("off", 1), ("on", args.max_batch_size)):
         with Server(model, args.backend, max_batch, args.batch_timeout, args.port) as server:
@@ -198,8 +202,9 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _overhead(row: dict, direct_runs: dict, concurrency: int, max_batch: int) -> dict:
-    """Server time per map over the direct call's at the batch the server could form."""
-    batch = 1 if concurrency == 1 or max_batch == 1 else max_batch
+    """Server time per map over the direct call's at the largest batch the server could form
+    (min(concurrency, max batch size))."""
+    batch = min(concurrency, max_batch)
     ref = direct_runs[batch]["ms_per_map"]
     served = 1e3 / row["maps_per_s"]
     return {"direct_ms_per_map": ref, "direct_batch": batch, "overhead": served / ref - 1}

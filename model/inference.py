@@ -11,13 +11,20 @@ Paths (each an `InferenceOptions` field):
 - `channels_last`: NHWC activations and weights (oneDNN / cuDNN favour them).
 - `precision`: `bf16` / `fp16` autocast. A CPU without AVX-512 BF16 emulates bf16 and is
   far slower than fp32, so no CPU default uses it.
+- `reuse_memory` (CPU, glibc): malloc keeps freed blocks for reuse. By default glibc hands
+  every block over 32 MiB back to the OS and the next tensor of that size page-faults its
+  memory in again, which costs activations of full-size maps more than the arithmetic on them.
+  Process-wide (see `malloc_reuse`); the process then keeps up to 1 GiB of freed memory.
 - `compile` / `cuda_graphs`: torch.compile of the encoder and decoder (CUDA graphs through
   mode="reduce-overhead"); compiling takes tens of seconds, so they are opt-in.
 """
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import functools
+import platform
 from dataclasses import dataclass, replace
 from typing import Literal
 
@@ -41,13 +48,14 @@ class InferenceOptions:
     channels_last: bool = False
     winograd: bool = False
     fused_attention: bool = False
+    reuse_memory: bool = False
     compile: bool = False
     cuda_graphs: bool = False
 
     def describe(self) -> str:
         """A short label, e.g. 'fp32+winograd'."""
-        flags = [name for name in ("winograd", "fused_attention", "channels_last", "compile",
-                                   "cuda_graphs")
+        flags = [name for name in ("winograd", "fused_attention", "reuse_memory",
+                                   "channels_last", "compile", "cuda_graphs")
                  if getattr(self, name)]
         return "+".join([self.precision, *flags])
 
@@ -55,12 +63,14 @@ class InferenceOptions:
 def default_options(device: str | torch.device) -> InferenceOptions:
     """The fastest accurate path measured on this kind of device (see bench/RESULTS.md).
 
-    CPU: Winograd (NNPACK) convolutions when this torch build has NNPACK, fused attention, fp32.
+    CPU: Winograd (NNPACK) convolutions when this torch build has NNPACK, fused attention,
+    malloc reuse under glibc, fp32.
     CUDA: fp32 + channels_last; no GPU was measured yet, so no lower precision is assumed.
     """
     device = torch.device(device)
     if device.type == "cpu":
-        return InferenceOptions(winograd=winograd_available(), fused_attention=True)
+        return InferenceOptions(winograd=winograd_available(), fused_attention=True,
+                                reuse_memory=glibc() is not None)
     return InferenceOptions(channels_last=True)
 
 
@@ -78,6 +88,36 @@ def winograd_available() -> bool:
         except RuntimeError:
             return False
         return torch.allclose(fast, F.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+
+
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (glibc malloc.h)
+REUSE_BYTES = 1 << 30
+GLIBC_MMAP_MAX = 32 << 20  # where glibc's dynamic mmap threshold stops growing
+
+
+@functools.lru_cache(maxsize=1)
+def glibc() -> ctypes.CDLL | None:
+    """The C library when it is glibc (mallopt, malloc_trim), else None."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+def malloc_reuse(enabled: bool) -> bool:
+    """Process-wide: glibc keeps up to 1 GiB of freed memory for reuse (enabled), or behaves as
+    in its steady state by default (blocks over 32 MiB mapped and unmapped per allocation, the
+    heap trimmed past 64 MiB free). Returns False where the C library is not glibc."""
+    libc = glibc()
+    if libc is None:
+        return False
+    mmap, trim = (REUSE_BYTES, REUSE_BYTES) if enabled else (GLIBC_MMAP_MAX, 2 * GLIBC_MMAP_MAX)
+    done = libc.mallopt(_M_MMAP_THRESHOLD, mmap) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1
+    if not enabled:
+        libc.malloc_trim(0)
+    return done
 
 
 class WinogradConv2d(nn.Conv2d):
@@ -207,6 +247,8 @@ def _check(options: InferenceOptions, device: torch.device) -> None:
                            "(torch._nnpack_available() is False); use winograd=False")
     if options.cuda_graphs and device.type != "cuda":
         raise ValueError(f"cuda_graphs needs a CUDA device; device is {device}")
+    if options.reuse_memory and glibc() is None:
+        raise RuntimeError("reuse_memory=True needs glibc malloc (Linux); use reuse_memory=False")
 
 
 def prepare_for_inference(model: AutoencoderKL, device: str | torch.device = "cpu",
@@ -227,4 +269,6 @@ def prepare_for_inference(model: AutoencoderKL, device: str | torch.device = "cp
         use_winograd(model)
     if options.fused_attention:
         use_fused_attention(model)
+    if options.reuse_memory:
+        malloc_reuse(True)
     return InferenceModel(model, device, options)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from model.autoencoder import AutoencoderKL
 from model.blocks import AttnBlock
 from model.inference import (FusedAttention, InferenceOptions, WinogradConv2d, default_options,
-                             prepare_for_inference, use_fused_attention, use_winograd,
+                             glibc, prepare_for_inference, use_fused_attention, use_winograd,
                              winograd_available)
 from tests.conftest import tiny_model_config
 
@@ -138,8 +138,8 @@ def test_bf16_autocast_stays_close_and_returns_float32(tiny, reference):
 
 
 def test_defaults_per_device():
-    assert default_options("cpu") == InferenceOptions(winograd=winograd_available(),
-                                                      fused_attention=True)
+    assert default_options("cpu") == InferenceOptions(
+        winograd=winograd_available(), fused_attention=True, reuse_memory=glibc() is not None)
     assert default_options("cuda").precision == "fp32"
     assert default_options("cuda").winograd is False
 
