@@ -60,6 +60,11 @@ class BlockingBatchedLoop(BatchedLoop):
         return self._admit(lit_api, items, transport)
 
     def __call__(self, *args, **kwargs) -> None:
+        # The main process stops workers (after the HTTP processes have drained) with a sentinel
+        # on their queue; a signal sent to the whole process group (Ctrl+C, systemd, `timeout`)
+        # must not cut a batch short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         super().__call__(*args, **kwargs)
         # The loop saw the stop sentinel: leave at once. Results have been sent and metrics live
         # in mmap'd files, so nothing needs finalizing, and a spawned worker's interpreter
@@ -91,20 +96,16 @@ class RadioAPI(ls.LitAPI):
 
     def __init__(self, spec: ModelSpec, max_batch_size: int, batch_timeout: float,
                  bf16: bool = False, require_cuda: bool = False, log_level: str = "info",
-                 threads: int = 0):
+                 threads: int = 0, warmup_size: Optional[tuple[int, int]] = None):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          api_path=f"/{self.name}", loop=BlockingBatchedLoop())
         self.model_spec, self.bf16, self.require_cuda = spec, bf16, require_cuda
         self.log_level, self.threads = log_level, threads
+        self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
         self.worker_info: Optional[dict] = None  # a manager dict the server attaches, for /info
 
     def setup(self, device: str) -> None:
         configure_logging(self.log_level)  # a spawned worker starts with no logging set up
-        # The main process stops workers (after the HTTP processes have drained) with a sentinel
-        # on their queue; a signal sent to the whole process group (Ctrl+C, systemd, `timeout`)
-        # must not cut a batch short.
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
         if self.threads:
             torch.set_num_threads(self.threads)
         self.backend = load_backend(self.model_spec, device, self.bf16, self.require_cuda,
@@ -116,7 +117,7 @@ class RadioAPI(ls.LitAPI):
             self.worker_info[f"{self.api_path}:{os.getpid()}"] = described
 
     def warmup_job(self) -> Job:
-        h, w = self.model_spec.config_size
+        h, w = self.warmup_size
         return Job(np.zeros((1, 1, h, w), np.float32))
 
     def decode_request(self, request: Job) -> Job:
@@ -185,7 +186,7 @@ class DecodeAPI(RadioAPI):
     name = "decode"
 
     def warmup_job(self) -> Job:
-        h, w = self.model_spec.config_size
+        h, w = self.warmup_size
         f = self.model_spec.downsample_factor
         return Job(np.zeros((1, self.model_spec.latent_channels, h // f, w // f), np.float32))
 
@@ -219,5 +220,6 @@ def _split(batch: np.ndarray, jobs: list[Job]) -> list[np.ndarray]:
 def build_apis(spec: ModelSpec, settings: Settings) -> list[RadioAPI]:
     """One LitAPI per endpoint, configured from the server settings."""
     return [cls(spec, settings.max_batch_size, settings.batch_timeout, settings.bf16,
-                settings.device == "cuda", settings.log_level, settings.threads)
+                settings.device == "cuda", settings.log_level, settings.threads,
+                settings.resolution)
             for cls in (EncodeAPI, DecodeAPI, ReconstructAPI)]
