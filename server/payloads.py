@@ -182,6 +182,7 @@ def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: 
     if op.takes == "map":
         payload.array = _checked(check_map, payload.array)
         if options.resize:
+            check_map_size(options.resize, limits)  # before PIL allocates the client's size
             payload.array = resize_maps(payload.array, options.resize)
         check_map_size(payload.array.shape[-2:], limits)
     else:
