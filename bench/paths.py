@@ -126,10 +126,9 @@ def diffusers_peer(model: AutoencoderKL, device: torch.device, workdir: Path) ->
 
 
 # "default" is prepare_for_inference's choice for the device; the others name their options.
-CPU_PATHS = ("baseline", "default", "channels_last", "winograd", "fused_attention",
-             "reuse_memory", "winograd+fused_attention", "channels_last+reuse_memory",
-             "bf16", "compile", "compile+winograd+fused_attention+reuse_memory", "onnx-cpu",
-             "diffusers")
+CPU_PATHS = ("baseline", "default", "channels_last", "winograd", "matmul_1x1",
+             "fused_attention", "reuse_memory", "bf16", "compile",
+             "compile+matmul_1x1+fused_attention+reuse_memory", "onnx-cpu", "diffusers")
 GPU_PATHS = ("baseline", "default", "channels_last", "fused_attention", "bf16", "fp16",
              "bf16+channels_last+fused_attention", "fp16+channels_last+fused_attention",
              "compile", "compile+bf16+channels_last", "cuda_graphs+bf16+channels_last",

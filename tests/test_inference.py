@@ -7,9 +7,11 @@ import torch.nn.functional as F
 
 from model.autoencoder import AutoencoderKL
 from model.blocks import AttnBlock
-from model.inference import (FusedAttention, InferenceOptions, WinogradConv2d, default_options,
-                             glibc, prepare_for_inference, use_fused_attention, use_winograd,
-                             winograd_available)
+from model.fast_layers import (FusedAttention, PointwiseConv2d, WinogradConv2d,
+                               use_fused_attention, use_matmul_1x1, use_winograd,
+                               winograd_available)
+from model.inference import InferenceOptions, default_options, prepare_for_inference
+from model.malloc import glibc
 from tests.conftest import tiny_model_config
 
 needs_nnpack = pytest.mark.skipif(not winograd_available(), reason="torch built without NNPACK")
@@ -44,9 +46,9 @@ def prepared(tiny: AutoencoderKL, **options) -> object:
 
 
 @pytest.mark.parametrize("options", [
-    pytest.param(dict(winograd=True, fused_attention=True), marks=needs_nnpack),
+    pytest.param(dict(winograd=True, matmul_1x1=True, fused_attention=True), marks=needs_nnpack),
     pytest.param(dict(winograd=True, channels_last=True), marks=needs_nnpack),
-    dict(winograd=False, fused_attention=True, channels_last=True),
+    dict(winograd=False, matmul_1x1=True, fused_attention=True, channels_last=True),
 ])
 def test_fp32_paths_match_the_plain_network(tiny, maps, reference, options):
     model = prepared(tiny, **options)
@@ -61,7 +63,7 @@ def test_fp32_paths_match_the_plain_network(tiny, maps, reference, options):
 
 
 def test_reconstruct_is_decode_of_the_posterior_mode(tiny, maps, reference):
-    model = prepared(tiny, winograd=False, fused_attention=False)
+    model = prepared(tiny, winograd=False, matmul_1x1=False, fused_attention=False)
     torch.testing.assert_close(model.reconstruct(maps), reference["image"])
     torch.testing.assert_close(model(maps), reference["image"])
 
@@ -90,6 +92,19 @@ def test_winograd_swaps_every_3x3_stride1_conv_and_keeps_the_state_dict(tiny):
     after = model.state_dict()
     assert list(after) == list(before)
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_matmul_1x1_swaps_the_pointwise_convs_with_the_same_output():
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(16, 8, 1)
+    holder = torch.nn.Sequential(conv)
+    assert use_matmul_1x1(holder) == 1 and isinstance(holder[0], PointwiseConv2d)
+    x = torch.randn(3, 16, 5, 7)
+    with torch.inference_mode():
+        torch.testing.assert_close(holder(x), F.conv2d(x, conv.weight, conv.bias))
+        out = holder(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias))
+    assert out.is_contiguous(memory_format=torch.channels_last)
 
 
 @needs_nnpack
@@ -139,7 +154,8 @@ def test_bf16_autocast_stays_close_and_returns_float32(tiny, reference):
 
 def test_defaults_per_device():
     assert default_options("cpu") == InferenceOptions(
-        winograd=winograd_available(), fused_attention=True, reuse_memory=glibc() is not None)
+        winograd=winograd_available(), matmul_1x1=True, fused_attention=True,
+        reuse_memory=glibc() is not None)
     assert default_options("cuda").precision == "fp32"
     assert default_options("cuda").winograd is False
 
@@ -153,3 +169,5 @@ def test_bad_options_are_named(tiny):
         prepare_for_inference(copy.deepcopy(tiny), "cuda", winograd=True)
     with pytest.raises(ValueError, match="cuda_graphs needs a CUDA device"):
         prepared(tiny, cuda_graphs=True)
+    with pytest.raises(ValueError, match="winograd does not combine with compile"):
+        prepared(tiny, winograd=True, compile=True)

@@ -1,0 +1,146 @@
+"""Drop-in replacements for the network's layers that compute the same function faster on
+CPU, each sharing the original's parameters (state-dict names unchanged), and the in-place
+swap that installs them."""
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .blocks import AttnBlock
+
+
+@functools.lru_cache(maxsize=1)
+def winograd_available() -> bool:
+    """NNPACK is in this torch build and agrees with the reference convolution on a probe."""
+    # _nnpack_available() also initialises NNPACK; without that call every NNPACK conv fails.
+    if not torch._nnpack_available():
+        return False
+    gen = torch.Generator().manual_seed(0)
+    x, w, b = (torch.randn(s, generator=gen) for s in ((2, 8, 12, 12), (8, 8, 3, 3), (8,)))
+    with torch.no_grad():
+        try:
+            fast = torch._nnpack_spatial_convolution(x, w, b, [1, 1], [1, 1])
+        except RuntimeError:
+            return False
+        return torch.allclose(fast, F.conv2d(x, w, b, padding=1), rtol=1e-4, atol=1e-4)
+
+
+def _plain_conv(conv: nn.Module, kernel: int) -> bool:
+    return (type(conv) is nn.Conv2d and conv.kernel_size == (kernel, kernel)
+            and conv.stride == (1, 1) and conv.padding == (kernel // 2, kernel // 2)
+            and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
+def _share(conv: nn.Conv2d, new: nn.Conv2d) -> nn.Conv2d:
+    new.weight, new.bias = conv.weight, conv.bias
+    return new
+
+
+def _fast_here(x: torch.Tensor) -> bool:
+    """CPU float32 inference: where the replacements' kernels apply."""
+    return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
+
+
+class WinogradConv2d(nn.Conv2d):
+    """A 3x3, stride-1, padding-1 Conv2d that runs NNPACK's Winograd kernel on CPU float32
+    inference inputs and the ordinary convolution otherwise (GPU, other dtypes, autograd)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fast_here(x):
+            return super().forward(x)
+        return torch._nnpack_spatial_convolution(x.contiguous(), self.weight, self.bias,
+                                                 [1, 1], [1, 1])
+
+    @classmethod
+    def eligible(cls, module: nn.Module) -> bool:
+        return _plain_conv(module, 3)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> WinogradConv2d:
+        """A WinogradConv2d sharing `conv`'s parameters."""
+        return _share(conv, cls(conv.in_channels, conv.out_channels, 3, padding=1,
+                                bias=conv.bias is not None, device="meta"))
+
+
+class PointwiseConv2d(nn.Conv2d):
+    """A 1x1 Conv2d computed as one matrix product per map (oneDNN's 1x1 convolution on NCHW
+    inputs runs far below the matmul rate on CPU); keeps the input's memory format."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not _fast_here(x):
+            return super().forward(x)
+        weight = self.weight.view(self.out_channels, self.in_channels)
+        if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+            return F.linear(x.permute(0, 2, 3, 1), weight, self.bias).permute(0, 3, 1, 2)
+        n, c, h, w = x.shape
+        out = torch.matmul(weight, x.reshape(n, c, h * w))
+        if self.bias is not None:
+            out += self.bias[:, None]
+        return out.view(n, self.out_channels, h, w)
+
+    @classmethod
+    def eligible(cls, module: nn.Module) -> bool:
+        return _plain_conv(module, 1)
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> PointwiseConv2d:
+        """A PointwiseConv2d sharing `conv`'s parameters."""
+        return _share(conv, cls(conv.in_channels, conv.out_channels, 1,
+                                bias=conv.bias is not None, device="meta"))
+
+
+class FusedAttention(nn.Module):
+    """AttnBlock's computation with its parameters, laid out so that
+    scaled_dot_product_attention takes its fused kernel: q, k, v as [N, 1, HW, C] with C
+    contiguous (the block's own transposed views send it to the unfused math kernel)."""
+
+    def __init__(self, block: AttnBlock):
+        super().__init__()
+        self.norm, self.q, self.k, self.v = block.norm, block.q, block.k, block.v
+        self.proj_out = block.proj_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y = self.norm(x).flatten(2).transpose(1, 2)  # [N, HW, C], a view
+        q, k, v = (F.linear(y, p.weight.view(c, c), p.bias)[:, None]
+                   for p in (self.q, self.k, self.v))
+        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
+        out = F.linear(out, self.proj_out.weight.view(c, c), self.proj_out.bias)
+        return x + out.transpose(1, 2).reshape(n, c, h, w)
+
+    @classmethod
+    def eligible(cls, module: nn.Module) -> bool:
+        return type(module) is AttnBlock
+
+
+def swap(module: nn.Module, eligible: Callable[[nn.Module], bool],
+         replace: Callable[[nn.Module], nn.Module]) -> int:
+    """Replace every eligible descendant of `module` (outermost first) in place; returns how
+    many."""
+    swapped = 0
+    for name, child in module.named_children():
+        if eligible(child):
+            setattr(module, name, replace(child))
+            swapped += 1
+        else:
+            swapped += swap(child, eligible, replace)
+    return swapped
+
+
+def use_winograd(module: nn.Module) -> int:
+    """3x3 stride-1 convs -> WinogradConv2d; returns how many."""
+    return swap(module, WinogradConv2d.eligible, WinogradConv2d.from_conv)
+
+
+def use_matmul_1x1(module: nn.Module) -> int:
+    """1x1 convs -> PointwiseConv2d; returns how many."""
+    return swap(module, PointwiseConv2d.eligible, PointwiseConv2d.from_conv)
+
+
+def use_fused_attention(module: nn.Module) -> int:
+    """AttnBlock -> FusedAttention; returns how many."""
+    return swap(module, FusedAttention.eligible, FusedAttention)
