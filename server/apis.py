@@ -108,6 +108,7 @@ class RadioAPI(ls.LitAPI):
         configure_logging(self.log_level)  # a spawned worker starts with no logging set up
         if self.threads:
             torch.set_num_threads(self.threads)
+        torch.seed()  # unseeded samples: a fresh process starts from torch's fixed default seed
         self.backend = load_backend(self.model_spec, device, self.bf16, self.require_cuda,
                                     self.threads)
         self.run([self.warmup_job()])

@@ -33,7 +33,7 @@ from starlette.concurrency import run_in_threadpool
 from . import metrics
 from .apis import build_apis
 from .logs import LOGGER
-from .payloads import OPERATIONS
+from .protocol import OPERATIONS
 from .routes import (Context, MetricsMiddleware, add_operation_route, authorize,
                      install_error_handlers)
 from .settings import Settings
@@ -214,5 +214,5 @@ def _stop(process: mp.Process, timeout: float) -> None:
 def _quietly(fn, *args) -> None:
     try:
         fn(*args)
-    except (OSError, EOFError, BrokenPipeError, ConnectionError) as err:
+    except (OSError, EOFError) as err:  # the manager or a queue is already gone
         logger.debug("during shutdown: %s", err)

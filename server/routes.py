@@ -24,8 +24,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .logs import LOGGER
-from .payloads import (JSON, NPY, PNG, Job, Operation, RequestError, check_content_type,
-                       check_deliverable, decode_body, encode_result, negotiate, parse_options)
+from .payloads import Job, check_deliverable, decode_body, encode_result
+from .protocol import (JSON, MAX_SEED, NPY, PNG, Operation, RequestError, check_content_type,
+                       negotiate, parse_options)
 from .spec import Limits, ModelSpec
 
 logger = logging.getLogger(LOGGER)
@@ -47,7 +48,10 @@ class ErrorBody(BaseModel):
 
 
 def error_response(status: int, detail: str) -> JSONResponse:
-    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "Error"
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:
+        phrase = "Error"
     return JSONResponse({"status": status, "error": phrase, "detail": detail}, status_code=status)
 
 
@@ -166,7 +170,7 @@ _SUMMARIES = {"encode": "Radio map(s) -> latent(s)", "decode": "Latent(s) -> rad
 _PARAMETERS = {
     "mode": ({"type": "string", "enum": ["mean", "sample"], "default": "mean"},
              "mean: the posterior mean (its mode); sample: a draw from the posterior"),
-    "seed": ({"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
+    "seed": ({"type": "integer", "minimum": 0, "maximum": MAX_SEED},
              "with mode=sample: a torch.Generator seed, for reproducible samples"),
     "scaled": ({"type": "boolean", "default": False},
                "latents times the model's scale factor (GET /info), as latent diffusion uses "

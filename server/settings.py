@@ -79,46 +79,53 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _default(name: str) -> str:
+    return f"(default {Settings.__dataclass_fields__[name].default})"
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m server",
         description="Serve a RadioDiff VAE over HTTP: POST /encode, /decode, /reconstruct. "
                     f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> "
                     f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE=8); the command line wins.")
-    p.add_argument("--model", help="an export directory (python -m export; serves with onnx) or a "
-                                   "checkpoint / run directory (serves with torch)")
-    p.add_argument("--backend", choices=["onnx", "torch"],
-                   help="default: onnx for an export directory, torch for a checkpoint")
-    p.add_argument("--device", choices=["auto", "cuda", "cpu"],
-                   help="default: auto (cuda if present)")
-    p.add_argument("--host", choices=["0.0.0.0", "127.0.0.1", "::"], help="default: 0.0.0.0")
-    p.add_argument("--port", type=_port, help="default: 8000")
-    p.add_argument("--workers-per-device", type=_positive_int,
-                   help="inference processes per device and endpoint (default 1)")
-    p.add_argument("--threads", type=_non_negative_int,
-                   help="CPU threads per inference process (default 0: one per core; with "
-                        "several processes on few cores, 1 avoids oversubscription)")
-    p.add_argument("--api-servers", type=_positive_int,
-                   help="HTTP processes that parse and encode payloads (default 1)")
-    p.add_argument("--max-batch-size", type=_positive_int,
-                   help="requests merged into one batch, and maps per forward pass (default 16)")
-    p.add_argument("--batch-timeout", type=_non_negative_float,
-                   help="seconds a batch waits to fill (default 0.01)")
-    p.add_argument("--timeout", type=_positive_float,
-                   help="seconds a request may wait for a worker before a 504 (default 30)")
-    p.add_argument("--max-body-mb", type=_positive_float, help="request body limit (default 64)")
-    p.add_argument("--max-pixels", type=_positive_int, help="H*W limit per map (default 262144)")
-    p.add_argument("--max-request-maps", type=_positive_int, help="maps per request (default 64)")
-    p.add_argument("--resolution", type=_positive_int, nargs=2, metavar=("H", "W"),
-                   help="accept only HxW maps (default: any multiple of the downsampling factor)")
-    p.add_argument("--config", help="model YAML for an upstream checkpoint that stores no config")
-    p.add_argument("--api-key-env", metavar="NAME",
-                   help="require the API key held in environment variable NAME")
-    p.add_argument("--bf16", action="store_const", const=True,
-                   help="torch backend on CUDA: run the network in bfloat16")
-    p.add_argument("--shutdown-timeout", type=_positive_float,
-                   help="seconds in-flight requests get after SIGTERM (default 10)")
-    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"])
+    add = p.add_argument
+    add("--model", help="an export directory (python -m export; serves with onnx) or a "
+                        "checkpoint / run directory (serves with torch)")
+    add("--backend", choices=["onnx", "torch"],
+        help="default: onnx for an export directory, torch for a checkpoint")
+    add("--device", choices=["auto", "cuda", "cpu"], help=f"cuda if present {_default('device')}")
+    add("--host", choices=["0.0.0.0", "127.0.0.1", "::"], help=_default("host"))
+    add("--port", type=_port, help=_default("port"))
+    add("--workers-per-device", type=_positive_int,
+        help=f"inference processes per device and endpoint {_default('workers_per_device')}")
+    add("--threads", type=_non_negative_int,
+        help="CPU threads per inference process, 0: one per core; with several processes on "
+             f"few cores, 1 avoids oversubscription {_default('threads')}")
+    add("--api-servers", type=_positive_int,
+        help=f"HTTP processes that parse and encode payloads {_default('api_servers')}")
+    add("--max-batch-size", type=_positive_int,
+        help=f"requests merged into one batch, and maps per forward pass "
+             f"{_default('max_batch_size')}")
+    add("--batch-timeout", type=_non_negative_float,
+        help=f"seconds a batch waits to fill {_default('batch_timeout')}")
+    add("--timeout", type=_positive_float,
+        help=f"seconds a request may wait for a worker before a 504 {_default('timeout')}")
+    add("--max-body-mb", type=_positive_float, help=f"request body limit {_default('max_body_mb')}")
+    add("--max-pixels", type=_positive_int, help=f"H*W limit per map {_default('max_pixels')}")
+    add("--max-request-maps", type=_positive_int,
+        help=f"maps per request {_default('max_request_maps')}")
+    add("--resolution", type=_positive_int, nargs=2, metavar=("H", "W"),
+        help="accept only HxW maps (default: any multiple of the downsampling factor)")
+    add("--config", help="model YAML for an upstream checkpoint that stores no config")
+    add("--api-key-env", metavar="NAME",
+        help="require the API key held in environment variable NAME")
+    add("--bf16", action="store_const", const=True,
+        help="torch backend on CUDA: run the network in bfloat16")
+    add("--shutdown-timeout", type=_positive_float,
+        help=f"seconds in-flight requests get after SIGTERM {_default('shutdown_timeout')}")
+    add("--log-level", choices=["critical", "error", "warning", "info", "debug"],
+        help=_default("log_level"))
     return p
 
 

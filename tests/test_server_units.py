@@ -17,8 +17,8 @@ from model.config import to_dict
 from model.io import encode_npy, from_model, to_model
 from server.__main__ import main
 from server.apis import DecodeAPI, EncodeAPI, ReconstructAPI
-from server.payloads import (OPERATIONS, Job, Options, RequestError, decode_body, negotiate,
-                             parse_options)
+from server.payloads import Job, decode_body
+from server.protocol import OPERATIONS, Options, RequestError, negotiate, parse_options
 from server.settings import Settings, parse_settings
 from server.spec import ModelSourceError, describe_model, limits_of
 from tests.conftest import tiny_model_config
