@@ -22,6 +22,9 @@ from .protocol import JSON, NPY, PNG, Operation, Options, RequestError
 from .spec import Limits, ModelSpec
 
 Layout = Literal["hw", "chw", "nchw"]
+# No posterior gives latents this large (they are O(1) to O(10)); far larger ones (~1e19)
+# overflow float32 in GroupNorm's variance and decode to NaN maps.
+LATENT_LIMIT = 1e4
 
 
 @dataclass
@@ -43,16 +46,13 @@ def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: 
                 options: Options) -> Payload:
     """Request body -> checked float32 [N, C, H, W] (maps resized if asked)."""
     if kind == JSON:
-        items, encoding, is_list = _json_items(body)
+        items, encoding, is_list = _json_items(body, limits.max_request_maps)
         arrays = [_decode_item(item, encoding, op, limits) for item in items]
         payload = _stack(arrays, op, spec) if is_list else _as_batch(arrays[0], op, spec)
     else:
         payload = _as_batch(_decode_item(body, "png" if kind == PNG else "npy", op, limits),
                             op, spec)
-    if not 1 <= payload.array.shape[0] <= limits.max_request_maps:
-        raise RequestError(413 if payload.array.shape[0] else 422,
-                           f"a request holds 1 to {limits.max_request_maps} items; "
-                           f"got {payload.array.shape[0]}")
+    _check_count(payload.array.shape[0], limits)
     if op.takes == "map":
         payload.array = _checked(check_map, payload.array)
         if options.resize:
@@ -65,10 +65,20 @@ def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: 
                        f"latent {h}x{w} decodes to a map of ")
         if not np.isfinite(payload.array).all():
             raise RequestError(422, "latent holds NaN or Inf values")
+        if np.abs(payload.array).max() > LATENT_LIMIT:
+            raise RequestError(422, f"latent values must lie within +-{LATENT_LIMIT:g} (a "
+                                    f"posterior's are O(1) to O(10)); got max |z| = "
+                                    f"{np.abs(payload.array).max():.4g}")
     return payload
 
 
-def _json_items(body: bytes) -> tuple[list[bytes], str, bool]:
+def _check_count(count: int, limits: Limits) -> None:
+    if not 1 <= count <= limits.max_request_maps:
+        raise RequestError(413 if count else 422, f"a request holds 1 to "
+                                                  f"{limits.max_request_maps} items; got {count}")
+
+
+def _json_items(body: bytes, max_items: int) -> tuple[list[bytes], str, bool]:
     """The base64-decoded items of a JSON body, their encoding, and whether they came as a list."""
     try:
         doc = json.loads(body)
@@ -84,6 +94,8 @@ def _json_items(body: bytes) -> tuple[list[bytes], str, bool]:
     items = data if isinstance(data, list) else [data]
     if not items or not all(isinstance(item, str) for item in items):
         raise RequestError(422, '"data": expected a base64 string or a non-empty list of them')
+    if len(items) > max_items:
+        raise RequestError(413, f"a request holds 1 to {max_items} items; got {len(items)}")
     decoded = []
     for i, item in enumerate(items):
         try:
