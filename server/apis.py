@@ -65,6 +65,7 @@ class BlockingBatchedLoop(BatchedLoop):
         # must not cut a batch short.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        torch.seed()  # unseeded samples: a fresh process starts from torch's fixed default seed
         super().__call__(*args, **kwargs)
         # The loop saw the stop sentinel: leave at once. Results have been sent and metrics live
         # in mmap'd files, so nothing needs finalizing, and a spawned worker's interpreter
@@ -108,7 +109,6 @@ class RadioAPI(ls.LitAPI):
         configure_logging(self.log_level)  # a spawned worker starts with no logging set up
         if self.threads:
             torch.set_num_threads(self.threads)
-        torch.seed()  # unseeded samples: a fresh process starts from torch's fixed default seed
         self.backend = load_backend(self.model_spec, device, self.bf16, self.require_cuda,
                                     self.threads)
         self.run([self.warmup_job()])

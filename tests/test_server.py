@@ -279,6 +279,9 @@ def test_sample_mode_is_reproducible_with_a_seed_and_matches_the_model(server):
     again = _npy(server.post("/encode", encode_npy(maps), params=params))
     other = _npy(server.post("/encode", encode_npy(maps), params={"mode": "sample", "seed": "8"}))
     assert np.array_equal(first, again) and not np.allclose(first, other)
+    unseeded = [_npy(server.post("/encode", encode_npy(maps), params={"mode": "sample"}))
+                for _ in range(2)]
+    assert not np.allclose(*unseeded)
     direct = _posterior(server.model, maps).sample(torch.Generator().manual_seed(7)).numpy()
     np.testing.assert_allclose(first, direct, atol=ATOL)
     assert not np.allclose(first, _mean(server.model, maps), atol=1e-3)
