@@ -1,0 +1,99 @@
+"""Fixtures of the reliability suite: a tiny checkpoint, two replicas, nginx, figures.
+
+The replicas run with the environment of deploy/compose.yaml's replicas (body limit, timeouts,
+batching), only moved to CPU and loopback. Run the suite with
+`python -m pytest -m reliability tests/reliability` (needs nginx: apt-get install nginx-light).
+"""
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from model.autoencoder import AutoencoderKL
+from model.checkpoint import save_checkpoint
+from model.config import to_dict
+from tests.conftest import tiny_model_config
+
+from tests.reliability.cluster import ROOT, Cluster, Nginx, Replica, free_port
+from tests.reliability.load import make_calls
+
+FIGURES = pytest.StashKey[list]()
+
+
+def compose_server_args() -> list[str]:
+    """deploy/compose.yaml's replica settings as command-line options, except model, device,
+    host and port, which the suite sets itself."""
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    env = compose["services"]["replica-0"]["environment"]
+    args = []
+    for name, value in env.items():
+        option = name.removeprefix("RADIODIFF_").lower().replace("_", "-")
+        if option not in ("model", "device", "host", "port"):
+            args += [f"--{option}", str(value)]
+    return args
+
+
+@pytest.fixture(scope="session")
+def workdir():
+    # nginx's workers (user nobody when run as root) must reach their scratch folders, which
+    # pytest's 0700 tmp_path does not allow.
+    path = Path(tempfile.mkdtemp(prefix="radiodiff-reliability-"))
+    path.chmod(0o755)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(workdir) -> Path:
+    torch.manual_seed(0)
+    config = tiny_model_config()
+    net = AutoencoderKL.from_config(config)
+    return save_checkpoint(workdir / "model-1.pt", {"model": net.state_dict(), "step": 1,
+                                                     "config": {"model": to_dict(config)}})
+
+
+@pytest.fixture(scope="session")
+def cluster(workdir, tiny_checkpoint, figures):
+    args = compose_server_args()
+    replicas = [Replica(f"replica-{i}", tiny_checkpoint, free_port(), workdir, *args)
+                for i in range(2)]
+    nginx = Nginx(replicas, free_port(), workdir)
+    try:
+        for replica in replicas:
+            replica.start()
+        waits = [replica.wait_healthy() for replica in replicas]
+        figures.append(f"replicas healthy {max(waits):.1f} s after start (2 started together); "
+                       f"server options from deploy/compose.yaml: {' '.join(args)}")
+        nginx.start()
+        yield Cluster(replicas, nginx, make_calls(replicas[0].url))
+    finally:
+        nginx.stop()
+        for replica in replicas:
+            replica.stop()
+
+
+@pytest.fixture
+def restored(cluster) -> Cluster:
+    """The cluster with both replicas healthy, before and after the test."""
+    cluster.restore()
+    yield cluster
+    cluster.restore()
+
+
+@pytest.fixture(scope="session")
+def figures(pytestconfig) -> list[str]:
+    """Lines for the summary at the end of the run (requests, latencies, memory, faults)."""
+    return pytestconfig.stash.setdefault(FIGURES, [])
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    lines = config.stash.get(FIGURES, [])
+    if lines:
+        terminalreporter.write_sep("=", "reliability figures")
+        for line in lines:
+            terminalreporter.write_line(line)
