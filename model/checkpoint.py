@@ -70,17 +70,24 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = resolve_checkpoint(path)
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refused: the file holds objects other than tensors and "
-                              f"plain containers (weights_only load): {first}") from None
     except Exception as err:  # torch.load raises many types on torn or foreign bytes
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: not a readable torch checkpoint (truncated or not "
-                              f"written by torch.save): {first}") from None
+        raise CheckpointError(f"{path}: {_load_failure(err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     return obj
+
+
+def _load_failure(err: Exception) -> str:
+    """Tell a file that holds code or foreign objects apart from one that is just not a checkpoint."""
+    text = str(err)
+    unsafe = re.search(r"Unsupported global: [^\n]*", text)
+    if isinstance(err, pickle.UnpicklingError) and unsafe:
+        return (f"refused: the file holds objects other than tensors and plain containers "
+                f"(weights_only load): {unsafe.group(0).strip()}")
+    detail = re.search(r"WeightsUnpickler error: \s*([^\n]+)", text)
+    first = detail.group(1) if detail else (text.strip().splitlines() or [""])[0]
+    return (f"not a readable torch checkpoint (truncated, or not written by torch.save): "
+            f"{type(err).__name__} {first}".rstrip())
 
 
 def network_state_dict(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
