@@ -16,6 +16,9 @@ REPO = Path(__file__).resolve().parent.parent
 def test_two_process_gloo_run_trains_and_only_rank0_writes(tmp_path):
     raw = tiny_run(tmp_path, train_num_steps=4, save_and_sample_every=2, batch_size=1)
     raw["model"]["lossconfig"]["disc_start"] = 2  # both DDP modules (autoencoder and critic)
+    # ActNorm initialises from each rank's own first batch: the hard case for replica agreement,
+    # which the trainer checks (bitwise) at every checkpoint.
+    raw["model"]["lossconfig"]["use_actnorm"] = True
     raw["trainer"]["gradient_accumulate_every"] = 2  # and no_sync on the first micro-batch
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(yaml.safe_dump(raw))

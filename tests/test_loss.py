@@ -7,6 +7,7 @@ from model.discriminator import NLayerDiscriminator
 from model.losses import LPIPSWithDiscriminator, adaptive_weight, hinge_d_loss, vanilla_d_loss
 from model.lpips import LPIPS, LPIPSWeightsError, lpips_linear_weights_path
 from tests.conftest import tiny_model_config
+from tests.test_trainer import one_thread  # noqa: F401  (autouse: one intra-op thread)
 
 VGG_CONVS = {0: (64, 3), 2: (64, 64), 5: (128, 64), 7: (128, 128), 10: (256, 128),
              12: (256, 256), 14: (256, 256), 17: (512, 256), 19: (512, 512), 21: (512, 512),

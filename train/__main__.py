@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from model.checkpoint import CheckpointError
+from model.checkpoint import CheckpointError, latest_checkpoint
 from model.config import ConfigError
 from model.io import RadioMapError
 from model.lpips import LPIPSWeightsError
@@ -48,6 +48,9 @@ def train_command(argv: list[str]) -> int:
         elif args.resume:
             _say(trainer, f"--resume: no model-N.pt in {cfg.trainer.results_folder}; "
                           "starting from step 0")
+        elif latest_checkpoint(cfg.trainer.results_folder) is not None:
+            _say(trainer, f"note: {cfg.trainer.results_folder} holds checkpoints of an earlier "
+                          "run; this fresh run overwrites them (--resume continues it instead)")
         signum = trainer.train()
     except (*USER_ERRORS, DataError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -61,6 +61,14 @@ def all_reduce(tensor: torch.Tensor, env: DistEnv, op: str = "sum") -> torch.Ten
     return tensor
 
 
+def broadcast_module(module: torch.nn.Module, env: DistEnv) -> None:
+    """Overwrite every rank's parameters and buffers with rank 0's."""
+    if env.enabled:
+        with torch.no_grad():
+            for tensor in [*module.parameters(), *module.buffers()]:
+                dist.broadcast(tensor, src=0)
+
+
 def all_gather_objects(obj: Any, env: DistEnv) -> list[Any]:
     """One picklable object per rank, in rank order."""
     if not env.enabled:

@@ -68,34 +68,51 @@ class Trainer:
 
     def __init__(self, cfg: RunConfig, train_set: Dataset | None = None,
                  val_set: Dataset | None = None):
-        self.cfg, tc = cfg, cfg.trainer
-        self.env = distributed.setup(tc.device)
+        self.cfg = cfg
+        self.env = distributed.setup(cfg.trainer.device)
         self.device = self.env.device
-        self.run_dir = Path(tc.results_folder)
+        self.run_dir = Path(cfg.trainer.results_folder)
+        if self.device.type == "cuda":  # fixed input sizes: let cuDNN pick its fastest kernels
+            torch.backends.cudnn.benchmark = True
+            torch.set_float32_matmul_precision("high")
+        self._build_model()
+        self._build_optimizers()
+        self._build_loaders(train_set, val_set)
+        self.step = 0
+        self._saved_rng: list[dict] | None = None
+        self._critic_synced = False
+
+    def _build_model(self) -> None:
+        """Autoencoder, loss (LPIPS weights are checked here, before step 0), EMA, noise RNG."""
+        tc = self.cfg.trainer
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
-        self.model = AutoencoderKL.from_config(cfg.model).to(self.device)
-        self.loss = LPIPSWithDiscriminator(cfg.model.lossconfig).to(self.device)
-        if cfg.model.ckpt_path:
-            self._init_from(cfg.model.ckpt_path)
+        self.model = AutoencoderKL.from_config(self.cfg.model).to(self.device)
+        self.loss = LPIPSWithDiscriminator(self.cfg.model.lossconfig).to(self.device)
+        if self.cfg.model.ckpt_path:
+            self._init_from(self.cfg.model.ckpt_path)
+        self.ema = EMA(self.model, tc.ema_decay, tc.ema_update_every, tc.ema_update_after_step)
         torch.manual_seed(tc.seed + self.env.rank)
         self.noise = torch.Generator(self.device).manual_seed(tc.seed + self.env.rank)
         self.ae, self.critic = self._wrap(self.model), self._wrap(self.loss.discriminator)
+
+    def _build_optimizers(self) -> None:
+        tc = self.cfg.trainer
         ae_params = list(self.model.parameters())
-        if cfg.model.lossconfig.learn_logvar:
+        if self.cfg.model.lossconfig.learn_logvar:
             ae_params.append(self.loss.logvar)
         self.opt_ae = torch.optim.AdamW(ae_params, lr=tc.lr)
         self.opt_disc = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=tc.lr)
         self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_multiplier(tc))
         self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lr_multiplier(tc))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp and tc.fp16)
-        self.ema = EMA(self.model, tc.ema_decay, tc.ema_update_every, tc.ema_update_after_step)
-        self.step = 0
-        data = cfg.data
+
+    def _build_loaders(self, train_set: Dataset | None, val_set: Dataset | None) -> None:
+        data, batch = self.cfg.data, self.cfg.batch_size
         train_set = train_set if train_set is not None else build_dataset(data, "train")
         val_set = val_set if val_set is not None else build_dataset(data, "val")
-        self.train_loader = build_loader(train_set, cfg.batch_size, shuffle=True, seed=data.seed,
+        self.train_loader = build_loader(train_set, batch, shuffle=True, seed=data.seed,
                                          num_workers=data.num_workers, drop_last=True)
-        self.val_loader = build_loader(val_set, cfg.batch_size, shuffle=False, seed=data.seed,
+        self.val_loader = build_loader(val_set, batch, shuffle=False, seed=data.seed,
                                        num_workers=data.num_workers, drop_last=False)
 
     # ----- set-up -------------------------------------------------------------------------
@@ -158,13 +175,14 @@ class Trainer:
         return state
 
     def _restore_rng(self) -> None:
-        saved = getattr(self, "_saved_rng", None)
-        if not saved or len(saved) != self.env.world_size:
-            if saved:
-                print(f"note: the checkpoint holds RNG states for {len(saved)} processes, this run "
-                      f"has {self.env.world_size}: reseeding (not bit-for-bit)", file=sys.stderr)
-                torch.manual_seed(self.cfg.trainer.seed + self.env.rank + self.step)
-                self.noise.manual_seed(self.cfg.trainer.seed + self.env.rank + self.step)
+        saved = self._saved_rng
+        if not saved:
+            return
+        if len(saved) != self.env.world_size:
+            print(f"note: the checkpoint holds RNG states for {len(saved)} processes, this run "
+                  f"has {self.env.world_size}: reseeding (not bit-for-bit)", file=sys.stderr)
+            torch.manual_seed(self.cfg.trainer.seed + self.env.rank + self.step)
+            self.noise.manual_seed(self.cfg.trainer.seed + self.env.rank + self.step)
             return
         mine = saved[self.env.rank]
         torch.set_rng_state(mine["torch"].cpu())
@@ -179,7 +197,8 @@ class Trainer:
         spread = torch.stack([total, -total])
         distributed.all_reduce(spread, self.env, op="max")
         if spread[0] != -spread[1]:
-            raise RuntimeError(f"step {self.step}: DDP replicas hold different weights")
+            raise TrainingDiverged(f"step {self.step}: the DDP processes hold different "
+                                   "weights (checksums differ); nothing saved")
 
     def save(self, milestone: int, logger: RunLogger) -> Path | None:
         """Validate the EMA weights, draw samples, write `model-{milestone}.pt` (rank 0)."""
@@ -215,6 +234,10 @@ class Trainer:
                                                      self.model.get_last_layer())
             self.scaler.scale(loss / accum).backward()
         if adversarial:
+            if self.env.enabled and not self._critic_synced:
+                # ActNorm initialises from the first batch it sees, which differs per rank.
+                distributed.broadcast_module(self.loss.discriminator, self.env)
+                self._critic_synced = True
             with self._no_sync(self.critic, sync):
                 with self.autocast():
                     d_loss, d_log = self.loss.discriminator_loss(x, recon, self.step,
