@@ -3,7 +3,7 @@ import torch
 
 from model.config import DDConfig, ModelConfig
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tests share 2 cores with the server and worker processes they start
 
 
 def tiny_model_config(size: int = 64, attn: list[int] | None = None) -> ModelConfig:
