@@ -1,9 +1,9 @@
 # syntax=docker/dockerfile:1
 # GPU image of the radiodiff-vae HTTP server (`python -m server`); see docs/deploy.md.
 #
-# CUDA 13.0: torch 2.13.0's Linux wheel on PyPI and onnxruntime-gpu (>= 1.2x, Python >= 3.11)
-# are both CUDA 13 builds, so the host needs an NVIDIA driver of the 580 series or newer and
-# the NVIDIA Container Toolkit. Ubuntu 24.04 gives Python 3.12 from its own archive.
+# CUDA 13.0: torch 2.13.0's Linux wheel on PyPI and onnxruntime-gpu 1.31 (which needs Python
+# >= 3.11) are both CUDA 13 builds, so the host needs an NVIDIA driver of the 580 series or
+# newer and the NVIDIA Container Toolkit. Ubuntu 24.04 gives Python 3.12 from its own archive.
 #
 #   docker build -t radiodiff-vae .                                  # model mounted at run time
 #   docker run --gpus all -p 8000:8000 -v "$PWD/export:/models:ro" radiodiff-vae
@@ -30,7 +30,6 @@ COPY model/ model/
 COPY train/ train/
 COPY export/ export/
 COPY server/ server/
-COPY configs/ configs/
 RUN /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 # ---- runtime: CUDA runtime + cuDNN, Python, the venv; non-root

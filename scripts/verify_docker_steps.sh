@@ -22,7 +22,7 @@ WORK=$(mktemp -d /tmp/verify-docker.XXXXXX)
 chmod 755 "$WORK"
 SERVER_PID=""
 cleanup() {
-    if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then kill -KILL "$SERVER_PID"; fi
+    if [ -n "$SERVER_PID" ]; then kill -KILL -- "-$SERVER_PID" 2>/dev/null || true; fi
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -79,7 +79,7 @@ fi
 step "3. builder: fresh venv, the Dockerfile's two pip installs, on the files it COPYs"
 mkdir -p "$WORK/src"
 cp pyproject.toml README.md "$WORK/src/"
-for dir in $(sed -n 's/^COPY \([a-z]*\)\/ .*/\1/p' Dockerfile); do cp -r "$dir" "$WORK/src/"; done
+sed -n 's/^COPY \([a-z]*\)\/ .*/\1/p' Dockerfile | while read -r dir; do cp -r "$dir" "$WORK/src/"; done
 find "$WORK/src" -name __pycache__ -prune -exec rm -rf {} +
 "$PY" -m venv "$WORK/venv"
 (cd "$WORK/src" && "$WORK/venv/bin/pip" install -q --no-cache-dir "torch==$TORCH_VERSION" \
@@ -133,7 +133,10 @@ for _ in $(seq 30); do kill -0 "$SERVER_PID" 2>/dev/null || break; sleep 1; done
 kill -0 "$SERVER_PID" 2>/dev/null && fail "tini/server still running 30 s after SIGTERM"
 LEFT=$(pgrep -g "$SERVER_PID" || true)  # setsid: its own process group
 [ -z "$LEFT" ] || fail "processes left after SIGTERM: $LEFT"
-wait "$SERVER_PID" && echo "SIGTERM: tini and every server process exited (status 0)" \
-    || fail "the server exited with status $? after SIGTERM"
+if wait "$SERVER_PID"; then
+    echo "SIGTERM: tini and every server process exited (status 0)"
+else
+    fail "the server exited with status $? after SIGTERM"
+fi
 SERVER_PID=""
 printf '\nall Docker steps verified (see the header for what stays unverified)\n'

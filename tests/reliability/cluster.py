@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import requests
+import yaml
 
 from tests.reliability.load import Call
 
@@ -27,6 +28,23 @@ ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 LOOPBACK = "127.0.0.1"
+
+
+def compose_replica_env() -> dict[str, str]:
+    """The RADIODIFF_* environment of deploy/compose.yaml's replicas."""
+    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
+    return compose["services"]["replica-0"]["environment"]
+
+
+def compose_server_args() -> list[str]:
+    """deploy/compose.yaml's replica settings as command-line options, except model, device,
+    host and port, which the suite sets itself."""
+    args = []
+    for name, value in compose_replica_env().items():
+        option = name.removeprefix("RADIODIFF_").lower().replace("_", "-")
+        if option not in ("model", "device", "host", "port"):
+            args += [f"--{option}", str(value)]
+    return args
 
 
 def free_port() -> int:

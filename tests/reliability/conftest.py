@@ -12,30 +12,15 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from model.autoencoder import AutoencoderKL
 from model.checkpoint import save_checkpoint
 from model.config import to_dict
 from tests.conftest import tiny_model_config
-
-from tests.reliability.cluster import ROOT, Cluster, Nginx, Replica, free_port
+from tests.reliability.cluster import Cluster, Nginx, Replica, compose_server_args, free_port
 from tests.reliability.load import make_calls
 
 FIGURES = pytest.StashKey[list]()
-
-
-def compose_server_args() -> list[str]:
-    """deploy/compose.yaml's replica settings as command-line options, except model, device,
-    host and port, which the suite sets itself."""
-    compose = yaml.safe_load((ROOT / "deploy" / "compose.yaml").read_text())
-    env = compose["services"]["replica-0"]["environment"]
-    args = []
-    for name, value in env.items():
-        option = name.removeprefix("RADIODIFF_").lower().replace("_", "-")
-        if option not in ("model", "device", "host", "port"):
-            args += [f"--{option}", str(value)]
-    return args
 
 
 @pytest.fixture(scope="session")

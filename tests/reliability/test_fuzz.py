@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from model.io import encode_npy
-from tests.reliability.cluster import Replica
+from tests.reliability.cluster import Replica, compose_replica_env
 from tests.reliability.hostile import (decompression_bomb, npy_claiming, png_claiming, png_of,
                                        stream_until_answered, zeros_1gib)
 
@@ -26,7 +26,7 @@ NPY, PNG, JSON = "application/x-npy", "image/png", "application/json"
 ENDPOINTS = ("/encode", "/decode", "/reconstruct")
 FUZZ_EXAMPLES = 300
 RSS_GROWTH_LIMIT = 256 * 2**20
-BODY_LIMIT = 64 * 2**20  # deploy/compose.yaml: RADIODIFF_MAX_BODY_MB
+BODY_LIMIT = int(float(compose_replica_env()["RADIODIFF_MAX_BODY_MB"]) * 2**20)
 REFUSED_WITHIN = BODY_LIMIT + 32 * 2**20  # the limit plus what socket buffers absorb
 
 
@@ -78,7 +78,8 @@ def hostile_cases() -> dict[str, tuple]:
                                                     None, {400, 413}),
         "npy header claiming 2^62 latents": ("/decode", npy_claiming((2**62,)), NPY, None,
                                              {400, 413}),
-        "npy of Python objects": ("/encode", npy_claiming((2,), "|O", b"\0" * 16), NPY, None, {400}),
+        "npy of Python objects": ("/encode", npy_claiming((2,), "|O", b"\0" * 16), NPY, None,
+                                  {400}),
         "NaN in a map": ("/reconstruct", encode_npy(nan), NPY, None, {422}),
         "Inf in a map": ("/encode", encode_npy(inf), NPY, None, {422}),
         "NaN in a latent": ("/decode", encode_npy(z_nan), NPY, None, {422}),
@@ -232,7 +233,8 @@ def test_property_based_fuzz_of_every_endpoint(cluster, figures):
 
 def test_a_1_gib_body_is_refused_early(cluster, figures):
     replica, nginx = cluster.replicas[1], cluster.nginx
-    targets = {"replica, chunked": (replica, None), "replica, Content-Length 1 GiB": (replica, 2**30),
+    targets = {"replica, chunked": (replica, None),
+               "replica, Content-Length 1 GiB": (replica, 2**30),
                "nginx, chunked": (nginx, None), "nginx, Content-Length 1 GiB": (nginx, 2**30)}
     results = {}
     with survives(replica, figures, "1 GiB bodies"):

@@ -1,4 +1,5 @@
-"""Load through nginx: bounded concurrent traffic, zero failures, latency, memory that levels off."""
+"""Load through nginx: bounded concurrent traffic, zero failures, latency, memory that levels
+off."""
 from __future__ import annotations
 
 import pytest
