@@ -30,6 +30,7 @@ COPY model/ model/
 COPY train/ train/
 COPY export/ export/
 COPY server/ server/
+COPY configs/ configs/
 RUN /opt/venv/bin/pip install --no-cache-dir ".[gpu]"
 
 # ---- runtime: CUDA runtime + cuDNN, Python, the venv; non-root

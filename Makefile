@@ -2,7 +2,7 @@
 PY ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-gpu test quickstart
+.PHONY: install install-gpu test test-reliability quickstart
 
 install:
 	$(PY) -m pip install -q $(TORCH)
@@ -14,6 +14,10 @@ install-gpu:
 
 test:
 	$(PY) -m pytest -q -m "not reliability"
+
+# nginx + two real server replicas on loopback: load, faults, fuzz (~4 min on 2 cores; needs nginx)
+test-reliability:
+	$(PY) -m pytest -q -m reliability tests/reliability
 
 quickstart:
 	$(PY) -m train --cfg quickstart.yaml

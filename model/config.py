@@ -202,7 +202,9 @@ class ModelConfig:
             raise ConfigError(f"{path}.embed_dim: expected a positive integer")
 
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+# A source checkout keeps the configs at the top level; an installed wheel under model/configs.
+_SOURCE_CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIG_DIR = _SOURCE_CONFIGS if _SOURCE_CONFIGS.is_dir() else Path(__file__).resolve().parent / "configs"
 
 
 def resolve_config_path(name: str | os.PathLike[str]) -> Path:

@@ -72,3 +72,21 @@ def test_missing_config_lists_bundled_ones():
 def test_radio_data_requires_root():
     with pytest.raises(ConfigError, match=r"data\.root"):
         load_config("first_radio.yaml", ["data.root=null"])
+
+
+def test_installed_wheel_ships_the_bundled_configs(tmp_path):
+    """A non-editable install (the Docker image) must still resolve `--cfg quickstart.yaml`."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                    "-w", str(tmp_path / "dist"), str(root)], check=True, capture_output=True)
+    (wheel,) = (tmp_path / "dist").glob("radiodiff_vae-*.whl")
+    zipfile.ZipFile(wheel).extractall(tmp_path / "site")
+    code = "from model.config import resolve_config_path as r; print(r('quickstart.yaml'))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True, env={"PYTHONPATH": str(tmp_path / "site")}, check=True)
+    assert Path(out.stdout.strip()) == tmp_path / "site" / "model" / "configs" / "quickstart.yaml"

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import tomllib
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -114,9 +115,9 @@ def test_dockerignore_keeps_runs_venvs_and_caches_out():
 
 
 def test_builder_installs_every_package_the_project_declares():
-    pyproject = (ROOT / "pyproject.toml").read_text()
-    include = re.search(r"include = \[([^\]]*)\]", pyproject).group(1)
-    packages = {p.strip(' "*') for p in include.split(",")}
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    mapped = setuptools.get("package-dir", {})
+    packages = {mapped.get(p, p).split(".")[0] for p in setuptools["packages"]}
     copied = {s.rstrip("/") for s in _copy_sources()}
     assert packages and packages <= copied, f"packages not copied: {packages - copied}"
     assert "README.md" in copied  # pyproject's readme: the install fails without it
