@@ -10,6 +10,13 @@ import sys
 
 import yaml
 
+try:
+    import onnxruntime  # noqa: F401  an optional extra (cpu or gpu flavour), needed throughout
+except ModuleNotFoundError:
+    print("error: onnxruntime is not installed: pip install -e '.[cpu]' (or '.[gpu]' for CUDA)",
+          file=sys.stderr)
+    sys.exit(2)
+
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from model.manifest import ManifestError

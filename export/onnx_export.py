@@ -1,8 +1,9 @@
 """Trace the autoencoder's encode and decode halves into two ONNX graphs.
 
 Both graphs take and return float32; with fp16 the weights and activations are half precision
-and Cast nodes at the boundary keep the interface float32. Batch, height and width are dynamic
-(the network is fully convolutional; H and W must be multiples of the downsampling factor).
+and Cast nodes at the boundary keep the interface float32 (GroupNorm statistics are float64 in
+either case: see precise_norm.py). Batch, height and width are dynamic (the network is fully
+convolutional; H and W must be multiples of the downsampling factor).
 """
 from __future__ import annotations
 
@@ -17,6 +18,8 @@ import torch
 from torch import nn
 
 from model.autoencoder import AutoencoderKL
+
+from .precise_norm import PreciseNormError, precise_instance_norms
 
 EXPORTERS = ("dynamo", "torchscript")
 DEFAULT_OPSET = 18
@@ -90,9 +93,14 @@ def _run_exporter(module: nn.Module, example: torch.Tensor, path: Path, name: st
                               dynamic_axes=_torchscript_axes(spec), **common)
 
 
-def _name_dims(path: Path, spec: dict[str, list]) -> None:
-    """Give graph inputs/outputs the manifest's dim names (the exporters invent their own)."""
+def _finalise(path: Path, spec: dict[str, list]) -> None:
+    """Precise GroupNorm statistics, and the manifest's dim names on the graph inputs/outputs
+    (the exporters invent their own)."""
     proto = onnx.load(str(path))
+    try:
+        precise_instance_norms(proto)
+    except PreciseNormError as err:
+        raise ExportError(f"{path}: {err}") from None
     for value in list(proto.graph.input) + list(proto.graph.output):
         dims = value.type.tensor_type.shape.dim
         for dim, want in zip(dims, spec[value.name]):
@@ -124,7 +132,7 @@ def export_graph(ae: AutoencoderKL, name: str, out_dir: Path, exporter: str = "d
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ExportError(f"{exporter} exporter failed on the {name} (opset {opset}): "
                           f"{type(err).__name__}: {first}") from err
-    _name_dims(path, spec)
+    _finalise(path, spec)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except onnx.checker.ValidationError as err:
