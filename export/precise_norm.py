@@ -29,7 +29,15 @@ def _input_types(model: onnx.ModelProto) -> dict[str, tuple[int, int]]:
             for v in values if v.type.tensor_type.HasField("shape")}
 
 
-def _float64_norm(node: onnx.NodeProto, prefix: str, elem_type: int, eps: str) -> list:
+def _reduce_mean(x: str, out: str, opset: int) -> onnx.NodeProto:
+    """Mean over axis 2, keeping it; opset 18 moved `axes` from an attribute to an input."""
+    if opset >= 18:
+        return helper.make_node("ReduceMean", [x, _AXES], [out], keepdims=1)
+    return helper.make_node("ReduceMean", [x], [out], axes=[2], keepdims=1)
+
+
+def _float64_norm(node: onnx.NodeProto, prefix: str, elem_type: int, eps: str,
+                  opset: int) -> list:
     """Statistics in float64 (mean and mean of squares: no cancellation at 53 bits); the
     normalisation in float32 as (x - mean) * (scale / std) + bias, cast back to the input type."""
     x, scale, bias = node.input
@@ -39,9 +47,9 @@ def _float64_norm(node: onnx.NodeProto, prefix: str, elem_type: int, eps: str) -
     nodes = [] if is_float else [helper.make_node("Cast", [x], [x32], to=TensorProto.FLOAT)]
     nodes += [
         helper.make_node("Cast", [x], [p + "x64"], to=TensorProto.DOUBLE),
-        helper.make_node("ReduceMean", [p + "x64", _AXES], [p + "mean"], keepdims=1),
+        _reduce_mean(p + "x64", p + "mean", opset),
         helper.make_node("Mul", [p + "x64", p + "x64"], [p + "x64_sq"]),
-        helper.make_node("ReduceMean", [p + "x64_sq", _AXES], [p + "mean_sq"], keepdims=1),
+        _reduce_mean(p + "x64_sq", p + "mean_sq", opset),
         helper.make_node("Mul", [p + "mean", p + "mean"], [p + "sq_mean"]),
         helper.make_node("Sub", [p + "mean_sq", p + "sq_mean"], [p + "var"]),
         helper.make_node("Add", [p + "var", eps], [p + "var_eps"]),
@@ -65,6 +73,7 @@ def _float64_norm(node: onnx.NodeProto, prefix: str, elem_type: int, eps: str) -
 def precise_instance_norms(model: onnx.ModelProto) -> int:
     """Replace every InstanceNormalization (rank-3 input) in place; returns how many."""
     types = _input_types(model)
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     nodes, eps_names, count = [], {}, 0
     for node in model.graph.node:
         if node.op_type != "InstanceNormalization":
@@ -76,14 +85,14 @@ def precise_instance_norms(model: onnx.ModelProto) -> int:
                                    f"input [N, groups, L] (as GroupNorm exports), got rank {rank}")
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         eps_name = eps_names.setdefault(eps, f"precise_norm/eps_{len(eps_names)}")
-        nodes += _float64_norm(node, f"precise_norm_{count}", elem_type, eps_name)
+        nodes += _float64_norm(node, f"precise_norm_{count}", elem_type, eps_name, opset)
         count += 1
     if count:
         del model.graph.node[:]
         model.graph.node.extend(nodes)
+        axes = [numpy_helper.from_array(np.array([2], np.int64), _AXES)] if opset >= 18 else []
         model.graph.initializer.extend(
-            [numpy_helper.from_array(np.array([2], np.int64), _AXES),
-             numpy_helper.from_array(np.array([-1, 1], np.int64), _COLUMN)]
+            axes + [numpy_helper.from_array(np.array([-1, 1], np.int64), _COLUMN)]
             + [numpy_helper.from_array(np.array(eps, np.float64), name)
                for eps, name in eps_names.items()])
     return count
