@@ -55,8 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=5, help="timed runs per path (default 5)")
     p.add_argument("--quick", action="store_true",
                    help="batch 1 only, 3 repeats: a first look in a few minutes")
-    p.add_argument("--onnx-dir", help="an existing `python -m export` directory to time instead "
-                                      "of exporting the graphs now")
+    p.add_argument("--onnx-dir", help="directory with encoder.onnx/decoder.onnx of THIS model "
+                                      "(`python -m export` output) to time; exported into it "
+                                      "when empty (default: a fresh export in a temp dir)")
     p.add_argument("--profile", metavar="PATH:OP",
                    help="also print torch.profiler's top ops for one call of PATH on OP")
     p.add_argument("--json", type=Path, default=MEASUREMENTS / "model.json",
@@ -220,7 +221,9 @@ def run(args: argparse.Namespace) -> dict:
             print(f"{op} batch {batch} ...", file=sys.stderr, flush=True)
             x = _inputs(op, batch, size, runners[0])
             state = _time_round_robin(runners, op, x, args)
-            results += _rows(runners, state, op, batch, flops, args)
+            rows = _rows(runners, state, op, batch, flops, args)
+            print(markdown_table(rows, COLUMNS), file=sys.stderr, flush=True)  # progress
+            results += rows
             synchronize(args.device)
     if args.profile:
         name, _, op = args.profile.partition(":")

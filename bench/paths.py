@@ -69,7 +69,8 @@ def fast(name: str, model: AutoencoderKL, device: torch.device,
 
 def onnx(name: str, model: AutoencoderKL, provider: str, threads: int,
          onnx_dir: str | None, workdir: Path) -> Runner:
-    """encoder.onnx / decoder.onnx (from `onnx_dir`, else exported now) in onnxruntime."""
+    """encoder.onnx / decoder.onnx in onnxruntime: from `onnx_dir` when it holds them, else
+    exported now (into `onnx_dir` when given, for the next run to reuse)."""
     from export.onnx_export import DECODER_FILE, ENCODER_FILE, export_graph
     from export.ort_session import make_session, provider_chain
 
@@ -78,7 +79,7 @@ def onnx(name: str, model: AutoencoderKL, provider: str, threads: int,
     if wanted not in provider_chain(provider):
         raise Skip(f"this onnxruntime build has no {wanted}")
     folder = Path(onnx_dir) if onnx_dir else workdir / "onnx"
-    if not onnx_dir and not (folder / DECODER_FILE).exists():
+    if not (folder / ENCODER_FILE).exists() or not (folder / DECODER_FILE).exists():
         folder.mkdir(parents=True, exist_ok=True)
         for graph in ("encoder", "decoder"):
             export_graph(model, graph, folder)

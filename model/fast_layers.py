@@ -12,6 +12,8 @@ from torch import nn
 
 from .blocks import AttnBlock
 
+MIN_WINOGRAD_CHANNELS = 16
+
 
 @functools.lru_cache(maxsize=1)
 def winograd_available() -> bool:
@@ -57,7 +59,10 @@ class WinogradConv2d(nn.Conv2d):
 
     @classmethod
     def eligible(cls, module: nn.Module) -> bool:
-        return _plain_conv(module, 3)
+        """3x3, stride 1, padding 1, and not thin: with a single input or output channel
+        (the network's conv_in / conv_out) oneDNN's direct convolution is faster."""
+        return (_plain_conv(module, 3)
+                and min(module.in_channels, module.out_channels) >= MIN_WINOGRAD_CHANNELS)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> WinogradConv2d:

@@ -107,6 +107,8 @@ class InferenceModel:
         """Latents [N, z, h, w] -> maps [N, C, h*f, w*f] (float32, NCHW)."""
         with self._autocast():
             image = self._decoder(self.model.post_quant_conv(self._input(z)))
+        if self.options.cuda_graphs:  # the graph's output buffer is overwritten by the next call
+            image = image.clone()
         return image.float().contiguous()
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
