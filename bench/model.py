@@ -3,15 +3,18 @@ path (plain fp32 baseline, model/inference.py fast paths, onnxruntime, the diffu
 the same weights, side by side in one run.
 
 Per (op, batch): every path is warmed up, then the timed repeats go round-robin over the paths
-(repeat r runs each path once), so a change in machine load hits all paths alike. Each call
-runs under its path's malloc setting (model.inference.malloc_reuse: on for paths with
-reuse_memory, glibc's steady-state default for the others), though the setting is process-wide. Accuracy is
+(repeat r runs each path once), so a change in machine load hits all paths alike; `speedup`
+is the median over rounds of baseline time / path time. When a path
+reuses memory, each call runs under its path's malloc setting (model.malloc.malloc_reuse: on
+for paths with reuse_memory; glibc's steady-state thresholds, 32 MiB mmap / 64 MiB trim, for
+the others), though the setting is process-wide; otherwise glibc is left untouched. Accuracy is
 each path's output against the baseline's on synthetic radio maps: PSNR (maps in [0, 1];
 latents: data range = the baseline latents' peak-to-peak) and max abs error.
 """
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 import traceback
@@ -19,8 +22,8 @@ from pathlib import Path
 
 import torch
 
-from model.inference import malloc_reuse
 from model.io import from_model
+from model.malloc import malloc_reuse
 from model.metrics import psnr
 
 from .common import (MEASUREMENTS, build_model, cpu_peak, gpu_peak, machine, markdown_table,
@@ -119,8 +122,9 @@ def _call(runner: Runner, op: str, x: torch.Tensor) -> torch.Tensor:
 
 def _timed(runner: Runner, op: str, x: torch.Tensor, device: torch.device
            ) -> tuple[float, torch.Tensor]:
-    """One call's wall time and output, under the runner's own (process-wide) malloc setting."""
-    if device.type == "cpu":
+    """One call's wall time and output, under the runner's own (process-wide) malloc setting
+    (untouched glibc when no runner of this run reuses memory)."""
+    if device.type == "cpu" and runner.toggle_malloc:
         malloc_reuse(runner.reuse_memory)
     start = time.perf_counter()
     out = _call(runner, op, x)
@@ -164,8 +168,8 @@ def _rows(runners: list[Runner], state: dict[str, dict], op: str, batch: int,
             row.update(median_s=median, times_s=s["times"], first_call_s=s["first_call_s"],
                        ms_per_map=1e3 * median / batch, maps_per_s=batch / median,
                        pct_peak=100 * flops * batch / median / peak if peak else None)
-            if base:
-                row["speedup"] = sorted(base)[len(base) // 2] / median
+            if base:  # per round, then the median: a load change mid-run hits both sides
+                row["speedup"] = statistics.median(b / t for b, t in zip(base, s["times"]))
             if ref is not None:
                 row.update(_accuracy(op, s["out"], ref))
                 row["accurate"] = row["psnr_db"] >= ACCURATE_DB
@@ -204,6 +208,9 @@ def _build_runners(model, args: argparse.Namespace) -> tuple[list[Runner], list[
                                         workdir))
         except Skip as why:
             skipped.append({"path": name, "status": f"skipped: {why}"})
+    toggle = any(r.reuse_memory for r in runners)
+    for r in runners:
+        r.toggle_malloc = toggle
     return runners, skipped
 
 

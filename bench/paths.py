@@ -34,6 +34,7 @@ class Runner:
     decode: Fn
     precision: str = "fp32"  # which peak FLOP/s applies
     reuse_memory: bool = False  # the process-wide malloc setting this path runs under
+    toggle_malloc: bool = False  # set malloc per call (some path of the run reuses memory)
     setup_s: float = 0.0
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
