@@ -133,7 +133,8 @@ CPU_PATHS = ("baseline", "default", "channels_last", "winograd", "matmul_1x1",
              "compile+matmul_1x1+fused_attention+reuse_memory", "onnx-cpu", "diffusers")
 GPU_PATHS = ("baseline", "default", "channels_last", "fused_attention", "bf16", "fp16",
              "bf16+channels_last+fused_attention", "fp16+channels_last+fused_attention",
-             "compile", "compile+bf16+channels_last", "cuda_graphs+bf16+channels_last",
+             "compile", "compile+bf16+channels_last", "compile+fp16+channels_last+fused_attention",
+             "cuda_graphs+bf16+channels_last", "cuda_graphs+fp16+channels_last+fused_attention",
              "onnx-cpu", "onnx-cuda", "onnx-tensorrt", "diffusers")
 
 

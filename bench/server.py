@@ -3,6 +3,12 @@ on POST /encode at several client concurrencies, with cross-request batching off
 (--max-batch-size 1) and on, against the direct in-process call of the same backend in the
 same run (the server's overhead as a ratio).
 
+Each row also says where the served time per map went: the inference workers' own model time
+(from the server's /metrics), the rest (HTTP, payload decoding, queues, waiting for a batch),
+and the CPU time of the busiest server process (the encode worker) and of all the others.
+The paired table times direct calls and HTTP requests alternately at concurrency 1, the fairest
+overhead figure on a machine whose speed drifts.
+
 Each request carries one map as application/x-npy float32 [1, 1, H, W] in [0, 1]. The client
 threads run on the same machine as the server (and share its CPU).
 """
@@ -34,7 +40,9 @@ from .common import (MEASUREMENTS, machine, markdown_table, median_time, parse_i
                      synthetic_maps, write_json)
 
 COLUMNS = ["batching", "concurrency", "requests", "maps_per_s", "p50_ms", "p99_ms",
-           "direct_ms_per_map", "overhead"]
+           "direct_ms_per_map", "overhead", "mean_batch", "model_ms_per_map", "http_overhead",
+           "outside_model_ms_per_map", "worker_cpu_ms_per_map", "other_cpu_ms_per_map"]
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 READY_TIMEOUT_S = 600
 
 
@@ -55,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the server's batch size with batching on (default %(default)s)")
     p.add_argument("--batch-timeout", type=float, default=0.01,
                    help="seconds a batch waits to fill with batching on (default %(default)s)")
+    p.add_argument("--paired-rounds", type=int, default=8,
+                   help="rounds of (direct call, HTTP request) at concurrency 1 for the paired "
+                        "overhead, per server (default %(default)s; 0: skip)")
     p.add_argument("--port", type=int, default=0, help="default: a free port")
     p.add_argument("--json", type=Path, default=MEASUREMENTS / "server.json")
     return p
@@ -140,6 +151,50 @@ def _client(port: int, body: bytes, count: int, latencies: list[float],
     conn.close()
 
 
+def _metric(port: int, name: str, endpoint: str = "/encode") -> float:
+    """One sample of the server's /metrics (0 before its first observation)."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    conn.close()
+    prefix = f'{name}{{endpoint="{endpoint}"}} '
+    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+
+
+def _cpu_seconds(session: int) -> dict[int, float]:
+    """CPU seconds (user + system) used so far by each process of the server's session."""
+    usage = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # the process ended
+        if int(fields[3]) == session:  # field 6 of stat(5), the session id
+            usage[int(stat.parent.name)] = (int(fields[11]) + int(fields[12])) / CLOCK_TICKS
+    return usage
+
+
+def profile(port: int, session: int, body: bytes, concurrency: int, requests: int) -> dict:
+    """`load`, the mean maps per forward pass, and where the served time per map went: the
+    workers' model time (from /metrics), the rest (HTTP, payloads, queues), and the CPU time of
+    the busiest server process (the encode worker) and of all its other processes (which compete
+    with it for the cores)."""
+    model_s, maps, passes = (_metric(port, "radiodiff_model_duration_seconds_sum"),
+                             _metric(port, "radiodiff_maps_processed_total"),
+                             _metric(port, "radiodiff_batch_size_count"))
+    cpu = _cpu_seconds(session)
+    row = load(port, body, concurrency, requests)
+    used = {pid: s - cpu.get(pid, 0.0) for pid, s in _cpu_seconds(session).items()}
+    n = _metric(port, "radiodiff_maps_processed_total") - maps
+    model_ms = 1e3 * (_metric(port, "radiodiff_model_duration_seconds_sum") - model_s) / n
+    worker = max(used.values())
+    return {**row, "mean_batch": n / (_metric(port, "radiodiff_batch_size_count") - passes),
+            "model_ms_per_map": model_ms,
+            "outside_model_ms_per_map": 1e3 / row["maps_per_s"] - model_ms,
+            "worker_cpu_ms_per_map": 1e3 * worker / n,
+            "other_cpu_ms_per_map": 1e3 * (sum(used.values()) - worker) / n}
+
+
 def load(port: int, body: bytes, concurrency: int, requests: int) -> dict:
     """`requests` requests from `concurrency` threads: maps/s and latency percentiles."""
     per_thread = max(requests // concurrency, 1)
@@ -160,18 +215,39 @@ def load(port: int, body: bytes, concurrency: int, requests: int) -> dict:
             "p50_ms": statistics.median(ms), "p99_ms": ms[min(len(ms) - 1, int(0.99 * len(ms)))]}
 
 
-def direct(model: Path, backend: str, x: np.ndarray, batches: list[int]) -> dict[int, dict]:
-    """The same backend the server loads, called in this process: ms per map per batch size."""
+def _engine(model: Path, backend: str):
+    """The same backend the server loads, in this process."""
     from server.backends import load_backend
 
-    engine = load_backend(_spec(model, backend), "cpu")
+    return load_backend(_spec(model, backend), "cpu")
+
+
+def direct(engine, x: np.ndarray, batches: list[int]) -> dict[int, float]:
+    """The direct call's ms per map per batch size."""
     runs = {}
     for batch in batches:
         maps = to_model(np.repeat(x, batch, axis=0))
         run = median_time(lambda: engine.encode(maps), warmup=1, repeats=5)
-        runs[batch] = {"batch": batch, "ms_per_map": 1e3 * run["median_s"] / batch}
-    del engine
+        runs[batch] = 1e3 * run["median_s"] / batch
     return runs
+
+
+def paired(port: int, body: bytes, engine, x: np.ndarray, rounds: int) -> dict:
+    """Concurrency 1, round-robin: each round one direct call, then one HTTP request of the same
+    map, so drift in the machine's speed hits both alike; overhead = median of per-round ratios."""
+    maps = to_model(x)
+    direct_s, served_s, errors = [], [], []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        engine.encode(maps)
+        direct_s.append(time.perf_counter() - start)
+        _client(port, body, 1, served_s, errors)
+    if errors:
+        raise RuntimeError(f"{len(errors)} requests failed, first: {errors[0]}")
+    ratios = [s / d for s, d in zip(served_s, direct_s)]
+    return {"rounds": rounds, "direct_ms": 1e3 * statistics.median(direct_s),
+            "served_ms": 1e3 * statistics.median(served_s),
+            "overhead": statistics.median(ratios) - 1}
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -186,28 +262,40 @@ def run(args: argparse.Namespace) -> dict:
     x = (synthetic_maps(1, size, size).numpy() + 1) / 2
     body = encode_npy(x.astype(np.float32))
     batches = sorted({1} | {min(c, args.max_batch_size) for c in args.concurrency})
-    direct_runs = direct(model, args.backend, x, batches)
-    rows = []
+    engine = _engine(model, args.backend)
+    before = direct(engine, x, batches)
+    rows, pairs = [], []
     for label, max_batch in (("off", 1), ("on", args.max_batch_size)):
         with Server(model, args.backend, max_batch, args.batch_timeout, args.port) as server:
             load(server.port, body, 1, 2)  # warm-up: first requests pay one-off costs
+            if args.paired_rounds:
+                print(f"batching {label}, paired ...", file=sys.stderr, flush=True)
+                pairs.append({"batching": label,
+                              **paired(server.port, body, engine, x, args.paired_rounds)})
             for c in args.concurrency:
                 print(f"batching {label}, concurrency {c} ...", file=sys.stderr, flush=True)
-                row = {"batching": label, **load(server.port, body, c, args.requests)}
-                row.update(_overhead(row, direct_runs, c, max_batch))
-                rows.append(row)
+                row = {"batching": label,
+                       **profile(server.port, server.proc.pid, body, c, args.requests)}
+                rows.append({**row, "direct_batch": min(c, max_batch)})
+    # Timed before and after the servers: this machine's speed drifts by up to ~10% over
+    # minutes, and their mean is the fairer reference for the runs in between.
+    after = direct(engine, x, batches)
+    direct_runs = {b: {"batch": b, "ms_per_map_before": before[b], "ms_per_map_after": after[b],
+                       "ms_per_map": (before[b] + after[b]) / 2} for b in batches}
+    for row in rows:
+        row.update(_overhead(row, direct_runs[row["direct_batch"]]["ms_per_map"]))
     return {"machine": machine(), "model": source, "backend": args.backend, "size": size,
             "max_batch_size": args.max_batch_size, "batch_timeout": args.batch_timeout,
-            "direct": list(direct_runs.values()), "results": rows}
+            "direct": list(direct_runs.values()), "paired": pairs, "results": rows}
 
 
-def _overhead(row: dict, direct_runs: dict, concurrency: int, max_batch: int) -> dict:
+def _overhead(row: dict, direct_ms: float) -> dict:
     """Server time per map over the direct call's at the largest batch the server could form
-    (min(concurrency, max batch size))."""
-    batch = min(concurrency, max_batch)
-    ref = direct_runs[batch]["ms_per_map"]
+    (min(concurrency, max batch size)); `http_overhead`: the time outside the workers' model
+    calls over the model time."""
     served = 1e3 / row["maps_per_s"]
-    return {"direct_ms_per_map": ref, "direct_batch": batch, "overhead": served / ref - 1}
+    return {"direct_ms_per_map": direct_ms, "overhead": served / direct_ms - 1,
+            "http_overhead": row["outside_model_ms_per_map"] / row["model_ms_per_map"]}
 
 
 def _spec(model: Path, backend: str):
@@ -225,8 +313,14 @@ def report(result: dict) -> str:
             f"{result['size']} maps, max batch {result['max_batch_size']}, timeout "
             f"{result['batch_timeout']} s\n{m['date']}  {m['cpu']} ({m['cpu_count']} CPUs, load "
             f"{m['load_average'][0]:.2f})\ndirect: " +
-            ", ".join(f"batch {d['batch']}: {d['ms_per_map']:.2f} ms/map" for d in result["direct"]))
-    return head + "\n\n" + markdown_table(result["results"], COLUMNS)
+            ", ".join(f"batch {d['batch']}: {d['ms_per_map']:.2f} ms/map (before "
+                      f"{d['ms_per_map_before']:.2f}, after {d['ms_per_map_after']:.2f})"
+                      for d in result["direct"]))
+    table = markdown_table(result["results"], COLUMNS)
+    if result["paired"]:
+        table = (markdown_table(result["paired"], ["batching", "rounds", "direct_ms", "served_ms",
+                                                    "overhead"]) + "\n\n" + table)
+    return head + "\n\n" + table
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,6 +1,7 @@
 """`python -m bench.train`: training step time and peak memory of the real Trainer
-(train/trainer.py, LPIPSWithDiscriminator loss) in fp32 and bf16 autocast, in phase 1
-(autoencoder only) and phase 2 (with the discriminator and the adaptive GAN weight).
+(train/trainer.py, LPIPSWithDiscriminator loss) in strict fp32, TF32, bf16 / fp16 autocast, with
+or without gradient checkpointing, in phase 1 (autoencoder only) and phase 2 (with the
+discriminator and the adaptive GAN weight). `speedup` is against the first --precisions entry.
 
 Each (phase, precision) runs in a fresh process, so its peak memory is its own: peak RSS on
 CPU (the whole process: Python, torch, weights, optimizer state, activations), or
@@ -23,6 +24,8 @@ from .common import MEASUREMENTS, machine, markdown_table, write_json
 
 COLUMNS = ["phase", "precision", "step_s", "maps_per_s", "speedup", "peak_mem_gb", "status"]
 PHASE_START = {1: 10 ** 9, 2: 0}  # lossconfig.disc_start: never / from the first step
+PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
+AUTOCAST = ("bf16", "fp16")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,7 +35,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=None,
                    help="map height = width (default: 320 on GPU, 128 on CPU)")
     p.add_argument("--batch", type=int, default=None, help="default: 8 on GPU, 2 on CPU")
-    p.add_argument("--precisions", default="fp32,bf16", help="default %(default)s (also fp16)")
+    p.add_argument("--precisions", default="fp32,bf16",
+                   help="comma-separated variants (default %(default)s): fp32 (strict: no TF32), "
+                        "tf32 (the trainer's own fp32 on a GPU: TF32 matmuls and convolutions), "
+                        "bf16, fp16 (autocast), each optionally +checkpointing (gradient "
+                        "checkpointing: trainer.gradient_checkpointing=true)")
     p.add_argument("--phases", default="1,2", help="default %(default)s")
     p.add_argument("--steps", type=int, default=3, help="timed steps (default %(default)s)")
     p.add_argument("--warmup", type=int, default=1, help="untimed steps (default %(default)s)")
@@ -44,13 +51,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _overrides(args: argparse.Namespace, phase: int, precision: str, run_dir: str) -> list[str]:
+def _overrides(args: argparse.Namespace, phase: int, variant: str, run_dir: str) -> list[str]:
     size = f"[{args.size},{args.size}]"
+    precision, _, extra = variant.partition("+")
     return [f"model.ddconfig.resolution={size}", f"data.image_size={size}",
             "data.name=synthetic", "data.num_maps=16", "data.num_tx=1", "data.num_workers=0",
             f"trainer.batch_size={args.batch}", "trainer.gradient_accumulate_every=1",
-            f"trainer.amp={str(precision != 'fp32').lower()}",
+            f"trainer.amp={str(precision in AUTOCAST).lower()}",
             f"trainer.fp16={str(precision == 'fp16').lower()}",
+            f"trainer.gradient_checkpointing={str(extra == 'checkpointing').lower()}",
             f"trainer.device={args.device}", f"trainer.results_folder={run_dir}",
             f"model.lossconfig.disc_start={PHASE_START[phase]}",
             "model.lossconfig.allow_random_lpips=true", "model.ckpt_path=null"]
@@ -66,6 +75,8 @@ def measure_one(args: argparse.Namespace, phase: int, precision: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="radiodiff-bench-train-") as run_dir:
         cfg = load_config(args.config, _overrides(args, phase, precision, run_dir))
         trainer = Trainer(cfg)
+        if precision.partition("+")[0] == "fp32":  # the plain baseline: no TF32 anywhere
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         stream, times = BatchStream(trainer.train_loader), []
         with StopRequest() as stop:
             for i in range(args.warmup + args.steps):
@@ -111,7 +122,7 @@ def run(args: argparse.Namespace) -> dict:
         if "step_s" in row:
             row["maps_per_s"] = args.batch / row["step_s"]
             base = next((r for r in rows if r["phase"] == row["phase"]
-                         and r["precision"] == "fp32" and "step_s" in r), None)
+                         and r["precision"] == args.precisions[0] and "step_s" in r), None)
             row["speedup"] = base["step_s"] / row["step_s"] if base else None
     return {"machine": machine(), "config": args.config, "size": args.size, "batch": args.batch,
             "device": args.device, "steps": args.steps, "warmup": args.warmup, "results": rows}
@@ -128,8 +139,11 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     if not args.phases or any(p not in PHASE_START for p in args.phases):
         parser.error(f"--phases: expected a comma-separated subset of 1,2, got {args.phases!r}")
     args.precisions = [p.strip() for p in str(args.precisions).split(",") if p.strip()]
-    if not args.precisions or any(p not in ("fp32", "bf16", "fp16") for p in args.precisions):
-        parser.error("--precisions: expected a comma-separated subset of fp32,bf16,fp16")
+    if not args.precisions or any(p.split("+")[0] not in PRECISIONS
+                                  or p.partition("+")[2] not in ("", "checkpointing")
+                                  for p in args.precisions):
+        parser.error(f"--precisions: expected a comma-separated list of {', '.join(PRECISIONS)}, "
+                     f"each optionally +checkpointing, got {','.join(args.precisions)!r}")
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.size < 8:
         parser.error("--steps >= 1, --warmup >= 0, --batch >= 1 and --size >= 8 are required")
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, normalize, swish
 from .config import DDConfig, ModelConfig
@@ -13,7 +14,24 @@ def _stage(resolution: int, attn_resolutions: list[int]) -> bool:
     return resolution in attn_resolutions
 
 
-class Encoder(nn.Module):
+class _Blocks(nn.Module):
+    """Runs its residual and attention blocks through `run`: with gradient checkpointing on,
+    a block's activations are recomputed in the backward pass instead of kept."""
+
+    gradient_checkpointing = False
+
+    def run(self, block: nn.Module, h: torch.Tensor) -> torch.Tensor:
+        if self.gradient_checkpointing and torch.is_grad_enabled():
+            return checkpoint(block, h, use_reentrant=False)
+        return block(h)
+
+    def run_mid(self, h: torch.Tensor) -> torch.Tensor:
+        for block in (self.mid.block_1, self.mid.attn_1, self.mid.block_2):
+            h = self.run(block, h)
+        return h
+
+
+class Encoder(_Blocks):
     """Image [N, in_channels, H, W] -> moments [N, 2*z_channels, H/f, W/f]."""
 
     def __init__(self, cfg: DDConfig):
@@ -43,16 +61,16 @@ class Encoder(nn.Module):
         h = self.conv_in(x)
         for level, stage in enumerate(self.down):
             for i, block in enumerate(stage.block):
-                h = block(h)
+                h = self.run(block, h)
                 if len(stage.attn):
-                    h = stage.attn[i](h)
+                    h = self.run(stage.attn[i], h)
             if level != len(self.down) - 1:
                 h = stage.downsample(h)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.run_mid(h)
         return self.conv_out(swish(self.norm_out(h)))
 
 
-class Decoder(nn.Module):
+class Decoder(_Blocks):
     """Latent [N, z_channels, h, w] -> image [N, out_ch, h*f, w*f]."""
 
     def __init__(self, cfg: DDConfig):
@@ -79,14 +97,13 @@ class Decoder(nn.Module):
         self.conv_out = nn.Conv2d(block_in, cfg.out_ch, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.conv_in(z)
-        h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = self.run_mid(self.conv_in(z))
         for level in reversed(range(len(self.up))):
             stage = self.up[level]
             for i, block in enumerate(stage.block):
-                h = block(h)
+                h = self.run(block, h)
                 if len(stage.attn):
-                    h = stage.attn[i](h)
+                    h = self.run(stage.attn[i], h)
             if level != 0:
                 h = stage.upsample(h)
         return self.conv_out(swish(self.norm_out(h)))
@@ -133,6 +150,11 @@ class AutoencoderKL(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z), posterior
+
+    def enable_gradient_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each residual / attention block's activations in the backward pass
+        instead of keeping them: far less training memory for about a third more compute."""
+        self.encoder.gradient_checkpointing = self.decoder.gradient_checkpointing = enabled
 
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last weight, where the adaptive GAN weight takes its gradient norms."""

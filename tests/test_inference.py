@@ -1,5 +1,6 @@
 """The inference fast paths give the plain fp32 network's outputs, shapes and layouts."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -158,8 +159,27 @@ def test_defaults_per_device():
     assert default_options("cpu") == InferenceOptions(
         winograd=winograd_available(), matmul_1x1=True, fused_attention=True,
         reuse_memory=glibc() is not None)
-    assert default_options("cuda").precision == "fp32"
-    assert default_options("cuda").winograd is False
+    assert default_options("cuda") == InferenceOptions(precision="fp16", channels_last=True,
+                                                       fused_attention=True)
+
+
+def test_fp16_within_range_stays_fp16_and_close(tiny, maps, reference):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow here: no fp32 recompute
+        image = prepared(tiny, precision="fp16").decode(reference["mean"])
+    err = (image - reference["image"]).abs().max()
+    assert image.dtype == torch.float32 and 0 < err < 0.05
+
+
+def test_fp16_overflow_is_recomputed_in_fp32(tiny, maps):
+    big = copy.deepcopy(tiny)
+    with torch.no_grad():  # activations past fp16's 65504: inf under fp16 autocast
+        big.encoder.conv_in.weight.mul_(1e6)
+        expected = big.encode(maps).mean
+    assert torch.isfinite(expected).all()
+    with pytest.warns(RuntimeWarning, match="fp16 inference overflowed"):
+        mean = prepared(big, precision="fp16").encode(maps).mean
+    torch.testing.assert_close(mean, expected)
 
 
 def test_bad_options_are_named(tiny):

@@ -164,3 +164,16 @@ def test_actnorm_discriminator_initialises_from_first_batch():
     out = norm(h).transpose(0, 1).reshape(h.shape[1], -1)
     assert torch.allclose(out.mean(1), torch.zeros(h.shape[1]), atol=1e-5)
     assert torch.allclose(out.std(1), torch.ones(h.shape[1]), atol=1e-3)
+
+
+@pytest.mark.parametrize("step", [4, 5])  # phase 1, phase 2
+def test_every_logged_term_lives_on_the_inputs_device(step):
+    # The trainer stacks the log's values into one tensor; a term left on the CPU breaks every
+    # CUDA run. The meta device stands in for a second device here.
+    model, loss, x, _, _ = _setup(disc_start=5)
+    model, loss, x = model.to("meta"), loss.to("meta"), x.to("meta")
+    recon, posterior = model(x)
+    _, log = loss.generator_loss(x, recon, posterior, step, model.get_last_layer())
+    _, d_log = loss.discriminator_loss(x, recon, step)
+    assert {name: v.device.type for name, v in {**log, **d_log}.items()} == \
+        {name: "meta" for name in {**log, **d_log}}

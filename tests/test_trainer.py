@@ -138,6 +138,17 @@ def test_accumulating_two_batches_of_one_equals_one_batch_of_two(tmp_path, data)
     assert a.model.decoder.conv_out.weight.grad.abs().max() > 1e-3  # a real gradient
 
 
+def test_gradient_checkpointing_trains_the_same_first_step(tmp_path, data):
+    a = run(tiny_run(tmp_path / "a", train_num_steps=1), data)
+    b = run(tiny_run(tmp_path / "b", train_num_steps=1, gradient_checkpointing=True), data)
+    assert b.model.decoder.gradient_checkpointing and not a.model.decoder.gradient_checkpointing
+    la, lb = steps(tmp_path / "a" / "run")[0], steps(tmp_path / "b" / "run")[0]
+    assert la["train/total_loss"] == pytest.approx(lb["train/total_loss"], rel=1e-6)
+    ga = torch.cat([p.grad.flatten() for p in a.model.parameters()])
+    gb = torch.cat([p.grad.flatten() for p in b.model.parameters()])
+    assert (ga - gb).norm() < 1e-4 * ga.norm()
+
+
 def test_resume_after_a_kill_gives_the_same_next_losses(tmp_path, data):
     raw = tiny_run(tmp_path / "full", train_num_steps=6, save_and_sample_every=3)
     raw["model"]["lossconfig"]["disc_start"] = 2  # resume inside phase 2: critic state matters

@@ -54,6 +54,7 @@ class TrainerConfig:
     resume_milestone: Union[int, None] = None
     amp: bool = False  # bf16 autocast
     fp16: bool = False  # float16 instead of bf16 when amp is on (GPU only)
+    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory
     batch_size: Union[int, None] = None
     ema_decay: float = 0.995
     ema_update_every: int = 10

@@ -87,6 +87,7 @@ class Trainer:
         tc = self.cfg.trainer
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = AutoencoderKL.from_config(self.cfg.model).to(self.device)
+        self.model.enable_gradient_checkpointing(tc.gradient_checkpointing)
         self.loss = LPIPSWithDiscriminator(self.cfg.model.lossconfig).to(self.device)
         if self.cfg.model.ckpt_path:
             self._init_from(self.cfg.model.ckpt_path)
