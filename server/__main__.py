@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from .logs import configure_logging
-from .settings import METRICS_DIR_ENV, Settings, parse_settings
+from .settings import METRICS_DIR_ENV, Settings, parse_settings, resolve_accelerator
 
 CHILD_STOP_TIMEOUT = 5.0
 
@@ -55,8 +55,11 @@ def _prepare(settings: Settings):
 
     spec = describe_model(settings)
     limits = limits_of(settings, spec)
-    if settings.bf16 and spec.backend != "torch":
-        raise ValueError("--bf16 applies to the torch backend (an fp16 export runs as exported)")
+    if settings.precision != "auto" and spec.backend != "torch":
+        raise ValueError("--precision applies to the torch backend (an export runs as exported)")
+    if settings.precision in ("bf16", "fp16") and resolve_accelerator(settings.device) != "cuda":
+        raise ValueError(f"--precision {settings.precision} needs a CUDA device (on a CPU it is "
+                         "emulated, far slower than fp32)")
     api_key = None
     if settings.api_key_env:
         api_key = os.environ.get(settings.api_key_env)

@@ -96,11 +96,11 @@ class RadioAPI(ls.LitAPI):
     name = ""
 
     def __init__(self, spec: ModelSpec, max_batch_size: int, batch_timeout: float,
-                 bf16: bool = False, require_cuda: bool = False, log_level: str = "info",
+                 precision: str = "auto", require_cuda: bool = False, log_level: str = "info",
                  threads: int = 0, warmup_size: Optional[tuple[int, int]] = None):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          api_path=f"/{self.name}", loop=BlockingBatchedLoop())
-        self.model_spec, self.bf16, self.require_cuda = spec, bf16, require_cuda
+        self.model_spec, self.precision, self.require_cuda = spec, precision, require_cuda
         self.log_level, self.threads = log_level, threads
         self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
         self.worker_info: Optional[dict] = None  # a manager dict the server attaches, for /info
@@ -109,7 +109,7 @@ class RadioAPI(ls.LitAPI):
         configure_logging(self.log_level)  # a spawned worker starts with no logging set up
         if self.threads:
             torch.set_num_threads(self.threads)
-        self.backend = load_backend(self.model_spec, device, self.bf16, self.require_cuda,
+        self.backend = load_backend(self.model_spec, device, self.precision, self.require_cuda,
                                     self.threads)
         self.run([self.warmup_job()])
         described = {**self.backend.describe(), "endpoint": self.api_path, "pid": os.getpid()}
@@ -220,7 +220,7 @@ def _split(batch: np.ndarray, jobs: list[Job]) -> list[np.ndarray]:
 
 def build_apis(spec: ModelSpec, settings: Settings) -> list[RadioAPI]:
     """One LitAPI per endpoint, configured from the server settings."""
-    return [cls(spec, settings.max_batch_size, settings.batch_timeout, settings.bf16,
+    return [cls(spec, settings.max_batch_size, settings.batch_timeout, settings.precision,
                 settings.device == "cuda", settings.log_level, settings.threads,
                 settings.resolution)
             for cls in (EncodeAPI, DecodeAPI, ReconstructAPI)]

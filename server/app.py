@@ -22,7 +22,6 @@ from importlib import metadata
 from typing import Optional
 
 import litserve as ls
-import torch
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from litserve.loops.base import _SENTINEL_VALUE
@@ -36,20 +35,11 @@ from .logs import LOGGER
 from .protocol import OPERATIONS
 from .routes import (Context, MetricsMiddleware, add_operation_route, authorize,
                      install_error_handlers)
-from .settings import Settings
+from .settings import Settings, resolve_accelerator
 from .spec import Limits, ModelSpec
 
 logger = logging.getLogger(LOGGER)
 WORKER_STOP_TIMEOUT = 5.0
-
-
-def resolve_accelerator(device: str) -> str:
-    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without one is an error."""
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda: torch sees no CUDA device")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 class RadioDiffServer(ls.LitServer):
@@ -60,9 +50,6 @@ class RadioDiffServer(ls.LitServer):
         self._stopped = self._stop_requested = False
         self._stop_lock = threading.Lock()
         accelerator = resolve_accelerator(settings.device)
-        if settings.bf16 and accelerator != "cuda":
-            raise ValueError("--bf16 needs a CUDA device (a CPU without bf16 units emulates it, "
-                             "slower than fp32)")
         apis = build_apis(spec, settings)
         super().__init__(apis, accelerator=accelerator,
                          workers_per_device=settings.workers_per_device, timeout=settings.timeout,

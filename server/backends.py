@@ -35,12 +35,14 @@ class Backend(Protocol):
 
 class TorchBackend:
     """The checkpoint's AutoencoderKL through model.inference: inference_mode, and the fast path
-    measured for the device (channels_last on CUDA, Winograd convolutions on CPU), bf16 if asked."""
+    measured for the device (fp16 + channels_last on CUDA, Winograd convolutions on CPU), or
+    the precision asked for ('auto': the device's default)."""
 
-    def __init__(self, spec: ModelSpec, device: str, bf16: bool = False):
+    def __init__(self, spec: ModelSpec, device: str, precision: str = "auto"):
         config = from_dict(ModelConfig, spec.model_config, "model")
         model = load_autoencoder(spec.path, config, map_location="cpu")
-        self.model = prepare_for_inference(model, device, **({"precision": "bf16"} if bf16 else {}))
+        options = {} if precision == "auto" else {"precision": precision}
+        self.model = prepare_for_inference(model, device, **options)
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         posterior = self.model.encode(x)
@@ -100,10 +102,10 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))
 
 
-def load_backend(spec: ModelSpec, device: str, bf16: bool = False, require_cuda: bool = False,
-                 threads: int = 0) -> Backend:
+def load_backend(spec: ModelSpec, device: str, precision: str = "auto",
+                 require_cuda: bool = False, threads: int = 0) -> Backend:
     """The backend `spec` names, on `device` ('cpu', 'cuda:0', ...); torch threads are set by
     the caller (torch.set_num_threads is process-wide)."""
     if spec.backend == "onnx":
         return OnnxBackend(spec, device, require_cuda, threads)
-    return TorchBackend(spec, device, bf16)
+    return TorchBackend(spec, device, precision)

@@ -31,13 +31,24 @@ class Settings:
     resolution: Optional[tuple[int, int]] = None
     config: Optional[str] = None
     api_key_env: Optional[str] = None
-    bf16: bool = False
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     shutdown_timeout: float = 10.0
     log_level: str = "info"
 
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+
+def resolve_accelerator(device: str) -> str:
+    """'auto' -> 'cuda' when torch sees a GPU, else 'cpu'; 'cuda' without one is an error."""
+    import torch  # here, not at module level: parsing options needs no torch
+
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda: torch sees no CUDA device")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
 
 
 def _number(text: str, kind: type, ok, expected: str):
@@ -120,8 +131,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--config", help="model YAML for an upstream checkpoint that stores no config")
     add("--api-key-env", metavar="NAME",
         help="require the API key held in environment variable NAME")
-    add("--bf16", action="store_const", const=True,
-        help="torch backend on CUDA: run the network in bfloat16")
+    add("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+        help="torch backend: the network's arithmetic; auto: the device's measured default "
+             "(CPU fp32, CUDA fp16 with fp32 recompute on overflow); bf16 / fp16 need CUDA "
+             f"{_default('precision')}")
     add("--shutdown-timeout", type=_positive_float,
         help=f"seconds in-flight requests get after SIGTERM {_default('shutdown_timeout')}")
     add("--log-level", choices=["critical", "error", "warning", "info", "debug"],

@@ -37,10 +37,10 @@ def checkpoint(tmp_path_factory) -> Path:
 
 def test_options_come_from_the_command_line_then_radiodiff_env_then_defaults():
     env = {"RADIODIFF_MODEL": "/m", "RADIODIFF_PORT": "9000", "RADIODIFF_MAX_BATCH_SIZE": "4",
-           "RADIODIFF_RESOLUTION": "256,256", "RADIODIFF_BF16": "true"}
+           "RADIODIFF_RESOLUTION": "256,256", "RADIODIFF_PRECISION": "fp16"}
     s = parse_settings(["--port", "9100"], env)
-    assert (s.model, s.port, s.max_batch_size, s.resolution, s.bf16) == (
-        "/m", 9100, 4, (256, 256), True)
+    assert (s.model, s.port, s.max_batch_size, s.resolution, s.precision) == (
+        "/m", 9100, 4, (256, 256), "fp16")
     assert s.batch_timeout == 0.01 and s.device == "auto" and s.backend is None
     assert parse_settings(["--model", "/x", "--resolution", "320", "320"], {}).resolution == (
         320, 320)
@@ -68,7 +68,9 @@ def test_startup_errors_name_what_is_wrong(tmp_path, checkpoint, caplog, monkeyp
              (["--model", str(checkpoint), "--backend", "onnx"], "python -m export"),
              (["--model", str(checkpoint), "--resolution", "66", "66"], "multiples of the model's"),
              (["--model", str(checkpoint), "--api-key-env", "RADIODIFF_NO_SUCH_KEY"],
-              "RADIODIFF_NO_SUCH_KEY: that environment variable is unset")]
+              "RADIODIFF_NO_SUCH_KEY: that environment variable is unset"),
+             (["--model", str(checkpoint), "--device", "cpu", "--precision", "fp16"],
+              "--precision fp16 needs a CUDA device")]
     for argv, words in cases:
         caplog.clear()
         assert main(argv) == 2
