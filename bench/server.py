@@ -186,6 +186,9 @@ def profile(port: int, session: int, body: bytes, concurrency: int, requests: in
     row = load(port, body, concurrency, requests)
     used = {pid: s - cpu.get(pid, 0.0) for pid, s in _cpu_seconds(session).items()}
     n = _metric(port, "radiodiff_maps_processed_total") - maps
+    if n <= 0:
+        raise RuntimeError("the server's /metrics counted no maps for /encode during the load: "
+                           "its metric names no longer match bench/server.py")
     model_ms = 1e3 * (_metric(port, "radiodiff_model_duration_seconds_sum") - model_s) / n
     worker = max(used.values())
     return {**row, "mean_batch": n / (_metric(port, "radiodiff_batch_size_count") - passes),
@@ -292,7 +295,8 @@ def run(args: argparse.Namespace) -> dict:
 def _overhead(row: dict, direct_ms: float) -> dict:
     """Server time per map over the direct call's at the largest batch the server could form
     (min(concurrency, max batch size)); `http_overhead`: the time outside the workers' model
-    calls over the model time."""
+    calls (HTTP, payloads, queues, the batch window) over the model time; at concurrency > 1
+    HTTP work overlaps model time, so there it is a lower bound."""
     served = 1e3 / row["maps_per_s"]
     return {"direct_ms_per_map": direct_ms, "overhead": served / direct_ms - 1,
             "http_overhead": row["outside_model_ms_per_map"] / row["model_ms_per_map"]}

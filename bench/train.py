@@ -1,7 +1,8 @@
 """`python -m bench.train`: training step time and peak memory of the real Trainer
 (train/trainer.py, LPIPSWithDiscriminator loss) in strict fp32, TF32, bf16 / fp16 autocast, with
 or without gradient checkpointing, in phase 1 (autoencoder only) and phase 2 (with the
-discriminator and the adaptive GAN weight). `speedup` is against the first --precisions entry.
+discriminator and the adaptive GAN weight). `speedup` is against the first --precisions entry
+that ran in that phase (`speedup_vs` names it). Peak memory is in GiB (2^30 bytes).
 
 Each (phase, precision) runs in a fresh process, so its peak memory is its own: peak RSS on
 CPU (the whole process: Python, torch, weights, optimizer state, activations), or
@@ -22,10 +23,18 @@ import torch
 
 from .common import MEASUREMENTS, machine, markdown_table, write_json
 
-COLUMNS = ["phase", "precision", "step_s", "maps_per_s", "speedup", "peak_mem_gb", "status"]
+COLUMNS = ["phase", "precision", "step_s", "maps_per_s", "speedup", "peak_mem_gib", "status"]
 PHASE_START = {1: 10 ** 9, 2: 0}  # lossconfig.disc_start: never / from the first step
 PRECISIONS = ("fp32", "tf32", "bf16", "fp16")
 AUTOCAST = ("bf16", "fp16")
+
+
+def parse_variant(variant: str) -> tuple[str, bool] | None:
+    """'bf16+checkpointing' -> ('bf16', True); None for anything else than PRECISIONS[+ckpt]."""
+    precision, plus, extra = variant.partition("+")
+    if precision not in PRECISIONS or (plus and extra != "checkpointing"):
+        return None
+    return precision, bool(plus)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,13 +62,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _overrides(args: argparse.Namespace, phase: int, variant: str, run_dir: str) -> list[str]:
     size = f"[{args.size},{args.size}]"
-    precision, _, extra = variant.partition("+")
+    precision, checkpointing = parse_variant(variant)
     return [f"model.ddconfig.resolution={size}", f"data.image_size={size}",
             "data.name=synthetic", "data.num_maps=16", "data.num_tx=1", "data.num_workers=0",
             f"trainer.batch_size={args.batch}", "trainer.gradient_accumulate_every=1",
             f"trainer.amp={str(precision in AUTOCAST).lower()}",
             f"trainer.fp16={str(precision == 'fp16').lower()}",
-            f"trainer.gradient_checkpointing={str(extra == 'checkpointing').lower()}",
+            f"trainer.gradient_checkpointing={str(checkpointing).lower()}",
             f"trainer.device={args.device}", f"trainer.results_folder={run_dir}",
             f"model.lossconfig.disc_start={PHASE_START[phase]}",
             "model.lossconfig.allow_random_lpips=true", "model.ckpt_path=null"]
@@ -75,7 +84,7 @@ def measure_one(args: argparse.Namespace, phase: int, precision: str) -> dict:
     with tempfile.TemporaryDirectory(prefix="radiodiff-bench-train-") as run_dir:
         cfg = load_config(args.config, _overrides(args, phase, precision, run_dir))
         trainer = Trainer(cfg)
-        if precision.partition("+")[0] == "fp32":  # the plain baseline: no TF32 anywhere
+        if parse_variant(precision)[0] == "fp32":  # the plain baseline: no TF32 anywhere
             torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
         stream, times = BatchStream(trainer.train_loader), []
         with StopRequest() as stop:
@@ -88,12 +97,12 @@ def measure_one(args: argparse.Namespace, phase: int, precision: str) -> dict:
                     times.append(time.perf_counter() - start)
         adversarial = trainer.loss.adversarial(trainer.step - 1)
     if trainer.device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated() / 2 ** 30
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30  # GiB
     else:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB -> GiB
     return {"phase": phase, "precision": precision, "times_s": times,
             "step_s": sorted(times)[len(times) // 2], "adversarial": adversarial,
-            "peak_mem_gb": peak, "peak_kind": "cuda allocated" if trainer.device.type == "cuda"
+            "peak_mem_gib": peak, "peak_kind": "cuda allocated" if trainer.device.type == "cuda"
             else "process peak RSS"}
 
 
@@ -118,12 +127,12 @@ def run(args: argparse.Namespace) -> dict:
         for precision in args.precisions:
             print(f"phase {phase} {precision} ...", file=sys.stderr, flush=True)
             rows.append(_child(args, phase, precision))
-    for row in rows:
+    for row in rows:  # against the phase's first variant that ran
         if "step_s" in row:
             row["maps_per_s"] = args.batch / row["step_s"]
-            base = next((r for r in rows if r["phase"] == row["phase"]
-                         and r["precision"] == args.precisions[0] and "step_s" in r), None)
-            row["speedup"] = base["step_s"] / row["step_s"] if base else None
+            base = next(r for r in rows if r["phase"] == row["phase"] and "step_s" in r)
+            row["speedup"] = base["step_s"] / row["step_s"]
+            row["speedup_vs"] = base["precision"]
     return {"machine": machine(), "config": args.config, "size": args.size, "batch": args.batch,
             "device": args.device, "steps": args.steps, "warmup": args.warmup, "results": rows}
 
@@ -139,9 +148,7 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     if not args.phases or any(p not in PHASE_START for p in args.phases):
         parser.error(f"--phases: expected a comma-separated subset of 1,2, got {args.phases!r}")
     args.precisions = [p.strip() for p in str(args.precisions).split(",") if p.strip()]
-    if not args.precisions or any(p.split("+")[0] not in PRECISIONS
-                                  or p.partition("+")[2] not in ("", "checkpointing")
-                                  for p in args.precisions):
+    if not args.precisions or any(parse_variant(p) is None for p in args.precisions):
         parser.error(f"--precisions: expected a comma-separated list of {', '.join(PRECISIONS)}, "
                      f"each optionally +checkpointing, got {','.join(args.precisions)!r}")
     if args.steps < 1 or args.warmup < 0 or args.batch < 1 or args.size < 8:

@@ -23,7 +23,7 @@ Paths (each an `InferenceOptions` field):
 from __future__ import annotations
 
 import contextlib
-import warnings
+import logging
 from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
@@ -34,6 +34,7 @@ from .distributions import DiagonalGaussianDistribution
 from .fast_layers import use_fused_attention, use_matmul_1x1, use_winograd, winograd_available
 from .malloc import glibc, malloc_reuse
 
+logger = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: dict[str, torch.dtype | None] = {"fp32": None, "bf16": torch.bfloat16,
                                              "fp16": torch.float16}
@@ -65,12 +66,15 @@ def default_options(device: str | torch.device) -> InferenceOptions:
     CPU: Winograd (NNPACK) 3x3 convolutions when this torch build has NNPACK, matmul 1x1
     convolutions, fused attention, malloc reuse under glibc; fp32.
     CUDA: fp16 autocast (fp32 recomputed where it overflows) + channels_last + fused attention.
+    Other devices (not measured): plain fp32.
     """
     device = torch.device(device)
     if device.type == "cpu":
         return InferenceOptions(winograd=winograd_available(), matmul_1x1=True,
                                 fused_attention=True, reuse_memory=glibc() is not None)
-    return InferenceOptions(precision="fp16", channels_last=True, fused_attention=True)
+    if device.type == "cuda":
+        return InferenceOptions(precision="fp16", channels_last=True, fused_attention=True)
+    return InferenceOptions()  # other accelerators: not measured, plain fp32
 
 
 class InferenceModel:
@@ -82,6 +86,7 @@ class InferenceModel:
 
     def __init__(self, model: AutoencoderKL, device: torch.device, options: InferenceOptions):
         self.model, self.device, self.options = model, device, options
+        self.fp32_recomputes = 0  # fp16 batches that overflowed and ran again in fp32
         self._encoder, self._decoder = model.encoder, model.decoder
         if options.compile or options.cuda_graphs:
             mode = "reduce-overhead" if options.cuda_graphs else None
@@ -99,13 +104,19 @@ class InferenceModel:
         return t.to(self.device, torch.float32).contiguous(memory_format=fmt)
 
     def _run(self, fn: Callable[[torch.Tensor], torch.Tensor], t: torch.Tensor) -> torch.Tensor:
-        """fn(t) at the chosen precision; an fp16 result holding inf/NaN is recomputed in fp32."""
+        """fn(t) at the chosen precision; an fp16 result holding inf/NaN (from finite inputs)
+        is recomputed in fp32. The check syncs with the device once per call; the first
+        recompute of a compiled path compiles its fp32 graph."""
         with self._autocast():
             out = fn(t)
-        if self.options.precision == "fp16" and not bool(torch.isfinite(out).all()):
-            warnings.warn("fp16 inference overflowed (inf/NaN); recomputed this batch in fp32. "
-                          "If it recurs, use precision='fp32'.", RuntimeWarning, stacklevel=3)
-            out = fn(t)
+        if (self.options.precision == "fp16" and not bool(torch.isfinite(out).all())
+                and bool(torch.isfinite(t).all())):
+            self.fp32_recomputes += 1
+            logger.warning("fp16 inference overflowed (inf/NaN): batch recomputed in fp32 "
+                           "(%d so far); if this recurs, use precision fp32",
+                           self.fp32_recomputes)
+            with torch.autocast(self.device.type, enabled=False):
+                out = fn(t)
         return out
 
     @torch.inference_mode()
@@ -118,8 +129,8 @@ class InferenceModel:
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [N, z, h, w] -> maps [N, C, h*f, w*f] (float32, NCHW)."""
         image = self._run(lambda t: self._decoder(self.model.post_quant_conv(t)), self._input(z))
-        if self.options.cuda_graphs:  # the graph's output buffer is overwritten by the next call
-            image = image.clone()
+        if self.options.cuda_graphs and image.dtype == torch.float32:
+            image = image.clone()  # the graph's output buffer is overwritten by the next call
         return image.float().contiguous()
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:

@@ -93,7 +93,7 @@ class LPIPSWithDiscriminator(nn.Module):
             log["g_loss"] = g_loss.detach()
         log = {"total_loss": loss.detach(), "logvar": self.logvar.detach(),
                "kl_loss": kl.detach(), "nll_loss": nll.detach(), "rec_loss": rec.detach().mean(),
-               "d_weight": d_weight, "disc_factor": torch.tensor(factor, device=inputs.device),
+               "d_weight": d_weight, "disc_factor": torch.full((), factor, device=inputs.device),
                **log}
         return loss, {f"{split}/{k}": v for k, v in log.items()}
 

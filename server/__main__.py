@@ -57,7 +57,8 @@ def _prepare(settings: Settings):
     limits = limits_of(settings, spec)
     if settings.precision != "auto" and spec.backend != "torch":
         raise ValueError("--precision applies to the torch backend (an export runs as exported)")
-    if settings.precision in ("bf16", "fp16") and resolve_accelerator(settings.device) != "cuda":
+    accelerator = resolve_accelerator(settings.device)  # --device cuda without one: stop here
+    if settings.precision in ("bf16", "fp16") and accelerator != "cuda":
         raise ValueError(f"--precision {settings.precision} needs a CUDA device (on a CPU it is "
                          "emulated, far slower than fp32)")
     api_key = None

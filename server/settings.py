@@ -178,6 +178,9 @@ def parse_settings(argv: Optional[Sequence[str]] = None,
     """Settings from argv (default sys.argv[1:]) over environ (default os.environ)."""
     environ = os.environ if environ is None else environ
     parser = _parser()
+    if ENV_PREFIX + "BF16" in environ:  # retired: a silent fall-back to the default would hide it
+        parser.error(f"{ENV_PREFIX}BF16 was replaced by {ENV_PREFIX}PRECISION=bf16 "
+                     "(or fp16, fp32, auto)")
     values = _from_env(parser, environ)
     given = parser.parse_args(argv)
     values.update({k: v for k, v in vars(given).items() if v is not None})

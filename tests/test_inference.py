@@ -1,6 +1,5 @@
 """The inference fast paths give the plain fp32 network's outputs, shapes and layouts."""
 import copy
-import warnings
 
 import pytest
 import torch
@@ -164,22 +163,37 @@ def test_defaults_per_device():
 
 
 def test_fp16_within_range_stays_fp16_and_close(tiny, maps, reference):
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")  # no overflow here: no fp32 recompute
-        image = prepared(tiny, precision="fp16").decode(reference["mean"])
+    model = prepared(tiny, precision="fp16")
+    image = model.decode(reference["mean"])
     err = (image - reference["image"]).abs().max()
     assert image.dtype == torch.float32 and 0 < err < 0.05
+    assert model.fp32_recomputes == 0
 
 
-def test_fp16_overflow_is_recomputed_in_fp32(tiny, maps):
+def test_fp16_overflow_is_recomputed_in_fp32_even_under_an_outer_autocast(tiny, maps, caplog):
     big = copy.deepcopy(tiny)
     with torch.no_grad():  # activations past fp16's 65504: inf under fp16 autocast
         big.encoder.conv_in.weight.mul_(1e6)
+        big.decoder.conv_in.weight.mul_(1e6)
         expected = big.encode(maps).mean
-    assert torch.isfinite(expected).all()
-    with pytest.warns(RuntimeWarning, match="fp16 inference overflowed"):
-        mean = prepared(big, precision="fp16").encode(maps).mean
+        z = torch.randn(2, 3, 8, 8)
+        expected_image = big.decode(z)
+    assert torch.isfinite(expected).all() and torch.isfinite(expected_image).all()
+    model = prepared(big, precision="fp16", channels_last=True)
+    with torch.autocast("cpu", dtype=torch.float16):
+        mean = model.encode(maps).mean
+    image = model.decode(z)
     torch.testing.assert_close(mean, expected)
+    torch.testing.assert_close(image, expected_image, rtol=1e-4, atol=1e-4)  # channels_last
+    assert model.fp32_recomputes == 2 and "fp16 inference overflowed" in caplog.text
+
+
+def test_non_finite_input_is_not_blamed_on_fp16(tiny, maps):
+    model = prepared(tiny, precision="fp16")
+    bad = maps.clone()
+    bad[0, 0, 0, 0] = float("nan")
+    assert not torch.isfinite(model.encode(bad).mean).all()
+    assert model.fp32_recomputes == 0
 
 
 def test_bad_options_are_named(tiny):

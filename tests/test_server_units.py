@@ -53,6 +53,7 @@ def test_options_come_from_the_command_line_then_radiodiff_env_then_defaults():
     (["--model", "m"], {"RADIODIFF_DEVICE": "tpu"}, "RADIODIFF_DEVICE='tpu': expected one of"),
     (["--model", "m"], {"RADIODIFF_RESOLUTION": "256"}, "expected two values"),
     (["--model", "m", "--port", "80"], {}, "expected a port in 1024..65535, got '80'"),
+    (["--model", "m"], {"RADIODIFF_BF16": "true"}, "replaced by RADIODIFF_PRECISION=bf16"),
 ])
 def test_bad_options_name_the_option_and_what_was_expected(argv, env, words, capsys):
     with pytest.raises(SystemExit) as exit_:
@@ -71,6 +72,8 @@ def test_startup_errors_name_what_is_wrong(tmp_path, checkpoint, caplog, monkeyp
               "RADIODIFF_NO_SUCH_KEY: that environment variable is unset"),
              (["--model", str(checkpoint), "--device", "cpu", "--precision", "fp16"],
               "--precision fp16 needs a CUDA device")]
+    if not torch.cuda.is_available():
+        cases.append((["--model", str(checkpoint), "--device", "cuda"], "torch sees no CUDA"))
     for argv, words in cases:
         caplog.clear()
         assert main(argv) == 2
