@@ -12,7 +12,11 @@ from torch import nn
 
 from .blocks import AttnBlock
 
-MIN_WINOGRAD_CHANNELS = 16
+# Where NNPACK's Winograd kernel beats oneDNN's direct convolution on a 2-core AVX2 CPU
+# (`python -m bench.conv`, bench/RESULTS.md): 128+ channels on both sides and maps of 40x40 or
+# more (1.1-4x faster); thinner layers or smaller maps are 1.2-2.7x slower through NNPACK.
+MIN_WINOGRAD_CHANNELS = 128
+MIN_WINOGRAD_PIXELS = 40 * 40
 
 
 @functools.lru_cache(maxsize=1)
@@ -49,10 +53,11 @@ def _fast_here(x: torch.Tensor) -> bool:
 
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 Conv2d that runs NNPACK's Winograd kernel on CPU float32
-    inference inputs and the ordinary convolution otherwise (GPU, other dtypes, autograd)."""
+    inference inputs of at least MIN_WINOGRAD_PIXELS per map, and the ordinary convolution
+    otherwise (smaller maps, GPU, other dtypes, autograd)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast_here(x):
+        if not _fast_here(x) or x.shape[-2] * x.shape[-1] < MIN_WINOGRAD_PIXELS:
             return super().forward(x)
         # One map at a time: for batches NNPACK switches to its training-oriented kernel,
         # measured 2-3x slower per map than its single-map inference kernel.
@@ -62,8 +67,8 @@ class WinogradConv2d(nn.Conv2d):
 
     @classmethod
     def eligible(cls, module: nn.Module) -> bool:
-        """3x3, stride 1, padding 1, and not thin: with a single input or output channel
-        (the network's conv_in / conv_out) oneDNN's direct convolution is faster."""
+        """3x3, stride 1, padding 1, and wide: on thinner layers (the network's 1-channel
+        conv_in / conv_out, the tiny models' 32-64-channel ones) oneDNN's convolution is faster."""
         return (_plain_conv(module, 3)
                 and min(module.in_channels, module.out_channels) >= MIN_WINOGRAD_CHANNELS)
 

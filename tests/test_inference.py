@@ -1,5 +1,6 @@
 """The inference fast paths give the plain fp32 network's outputs, shapes and layouts."""
 import copy
+import math
 
 import pytest
 import torch
@@ -7,9 +8,9 @@ import torch.nn.functional as F
 
 from model.autoencoder import AutoencoderKL
 from model.blocks import AttnBlock
-from model.fast_layers import (MIN_WINOGRAD_CHANNELS, FusedAttention, PointwiseConv2d, WinogradConv2d,
-                               use_fused_attention, use_matmul_1x1, use_winograd,
-                               winograd_available)
+from model.fast_layers import (MIN_WINOGRAD_CHANNELS, MIN_WINOGRAD_PIXELS, FusedAttention,
+                               PointwiseConv2d, WinogradConv2d, use_fused_attention,
+                               use_matmul_1x1, use_winograd, winograd_available)
 from model.inference import InferenceOptions, default_options, prepare_for_inference
 from model.malloc import glibc
 from tests.conftest import tiny_model_config
@@ -88,7 +89,8 @@ def test_winograd_swaps_every_3x3_stride1_conv_and_keeps_the_state_dict(tiny):
               and m.kernel_size == (3, 3) and m.stride == (1, 1)
               and min(m.in_channels, m.out_channels) >= MIN_WINOGRAD_CHANNELS]
     assert swapped == len(convs3) > 0
-    assert isinstance(model.decoder.up[0].block[0].conv1, WinogradConv2d)
+    assert isinstance(model.decoder.mid.block_1.conv1, WinogradConv2d)  # 128 -> 128
+    assert type(model.decoder.up[0].block[0].conv1) is torch.nn.Conv2d  # 32 channels: oneDNN
     assert type(model.encoder.down[0].downsample.conv) is torch.nn.Conv2d  # stride 2 stays
     assert type(model.decoder.conv_out) is torch.nn.Conv2d  # one output channel: oneDNN wins
     after = model.state_dict()
@@ -107,6 +109,25 @@ def test_matmul_1x1_swaps_the_pointwise_convs_with_the_same_output():
         out = holder(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(out, F.conv2d(x, conv.weight, conv.bias))
     assert out.is_contiguous(memory_format=torch.channels_last)
+
+
+@needs_nnpack
+def test_winograd_conv_runs_nnpack_per_map_on_large_maps_only(monkeypatch):
+    torch.manual_seed(0)
+    plain = torch.nn.Conv2d(MIN_WINOGRAD_CHANNELS, MIN_WINOGRAD_CHANNELS, 3, padding=1)
+    conv = WinogradConv2d.from_conv(plain)
+    calls = []
+    nnpack = torch._nnpack_spatial_convolution
+    monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
+                        lambda *a: calls.append(a[0].shape) or nnpack(*a))
+    side = math.isqrt(MIN_WINOGRAD_PIXELS)
+    for size, expected_calls in ((side, 2), (side - 8, 0)):
+        calls.clear()
+        x = torch.randn(2, MIN_WINOGRAD_CHANNELS, size, size)
+        with torch.inference_mode():
+            out = conv(x)
+            torch.testing.assert_close(out, plain(x), rtol=1e-4, atol=1e-4)
+        assert len(calls) == expected_calls, size
 
 
 @needs_nnpack
