@@ -151,14 +151,20 @@ def _client(port: int, body: bytes, count: int, latencies: list[float],
     conn.close()
 
 
-def _metric(port: int, name: str, endpoint: str = "/encode") -> float:
-    """One sample of the server's /metrics (0 before its first observation)."""
+# The /metrics samples `profile` reads, all for POST /encode.
+SAMPLES = ("radiodiff_model_duration_seconds_sum", "radiodiff_maps_processed_total",
+           "radiodiff_batch_size_count")
+
+
+def _samples(port: int, endpoint: str = "/encode") -> dict[str, float]:
+    """SAMPLES from one scrape of the server's /metrics (0 before a first observation)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     conn.request("GET", "/metrics")
-    text = conn.getresponse().read().decode()
+    lines = conn.getresponse().read().decode().splitlines()
     conn.close()
-    prefix = f'{name}{{endpoint="{endpoint}"}} '
-    return sum(float(line[len(prefix):]) for line in text.splitlines() if line.startswith(prefix))
+    prefixes = {name: f'{name}{{endpoint="{endpoint}"}} ' for name in SAMPLES}
+    return {name: sum(float(line[len(prefix):]) for line in lines if line.startswith(prefix))
+            for name, prefix in prefixes.items()}
 
 
 def _cpu_seconds(session: int) -> dict[int, float]:
@@ -179,20 +185,16 @@ def profile(port: int, session: int, body: bytes, concurrency: int, requests: in
     workers' model time (from /metrics), the rest (HTTP, payloads, queues), and the CPU time of
     the busiest server process (the encode worker) and of all its other processes (which compete
     with it for the cores)."""
-    model_s, maps, passes = (_metric(port, "radiodiff_model_duration_seconds_sum"),
-                             _metric(port, "radiodiff_maps_processed_total"),
-                             _metric(port, "radiodiff_batch_size_count"))
-    cpu = _cpu_seconds(session)
+    before, cpu = _samples(port), _cpu_seconds(session)
     row = load(port, body, concurrency, requests)
     used = {pid: s - cpu.get(pid, 0.0) for pid, s in _cpu_seconds(session).items()}
-    n = _metric(port, "radiodiff_maps_processed_total") - maps
+    model_s, n, passes = (v - before[k] for k, v in _samples(port).items())
     if n <= 0:
         raise RuntimeError("the server's /metrics counted no maps for /encode during the load: "
                            "its metric names no longer match bench/server.py")
-    model_ms = 1e3 * (_metric(port, "radiodiff_model_duration_seconds_sum") - model_s) / n
+    model_ms = 1e3 * model_s / n
     worker = max(used.values())
-    return {**row, "mean_batch": n / (_metric(port, "radiodiff_batch_size_count") - passes),
-            "model_ms_per_map": model_ms,
+    return {**row, "mean_batch": n / passes, "model_ms_per_map": model_ms,
             "outside_model_ms_per_map": 1e3 / row["maps_per_s"] - model_ms,
             "worker_cpu_ms_per_map": 1e3 * worker / n,
             "other_cpu_ms_per_map": 1e3 * (sum(used.values()) - worker) / n}
