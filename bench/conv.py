@@ -28,6 +28,7 @@ COLUMNS = ["c_in", "c_out", "size", "mmacs", "onednn_ms", "winograd_ms", "speedu
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.conv", description=__doc__,
+                                allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2, help="default %(default)s")
     p.add_argument("--repeats", type=int, default=7, help="default %(default)s")

@@ -29,6 +29,7 @@ COLUMNS = ["op", "runtime", "median_ms", "min_ms", "max_ms", "speedup_vs_torch",
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.export_vs_torch", description=__doc__,
+                                allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="model YAML (default first_radio.yaml; with --ckpt: the "
                                     "checkpoint's stored config)")

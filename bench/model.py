@@ -39,6 +39,7 @@ COLUMNS = ["op", "batch", "path", "ms_per_map", "maps_per_s", "speedup", "psnr_d
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__,
+                                allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", help="model YAML (default first_radio.yaml; with --ckpt: the "
                                     "checkpoint's stored config)")

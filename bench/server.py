@@ -48,6 +48,7 @@ READY_TIMEOUT_S = 600
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__,
+                                allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="checkpoint or export directory to serve (default: the "
                                    "--config network with random weights, written to a temp dir)")

@@ -39,6 +39,7 @@ def parse_variant(variant: str) -> tuple[str, bool] | None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__,
+                                allow_abbrev=False,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="first_radio.yaml", help="run config (default %(default)s)")
     p.add_argument("--size", type=int, default=None,

@@ -25,7 +25,8 @@ def probe(url: str, timeout: float) -> tuple[bool, str]:
 
 def main(argv: list[str] | None = None) -> int:
     port = os.environ.get("RADIODIFF_PORT", "8000")
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     allow_abbrev=False)
     parser.add_argument("--url", default=f"http://127.0.0.1:{port}/health")
     parser.add_argument("--timeout", type=float, default=4.0, help="seconds (default 4)")
     args = parser.parse_args(argv)

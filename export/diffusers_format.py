@@ -72,8 +72,9 @@ def diffusers_state_dict(ae: AutoencoderKL) -> dict[str, torch.Tensor]:
     return out
 
 
-def diffusers_config(ae: AutoencoderKL) -> dict:
-    """diffusers' AutoencoderKL config.json for this network; refuses what it cannot express."""
+def diffusers_config(ae: AutoencoderKL, scaling: dict | None = None) -> dict:
+    """diffusers' AutoencoderKL config.json for this network, with the latent scaling of
+    model.checkpoint.latent_scaling (default: the config's); refuses what it cannot express."""
     dd = ae.ddconfig
     if dd.attn_resolutions:
         raise DiffusersFormatError(
@@ -85,6 +86,7 @@ def diffusers_config(ae: AutoencoderKL) -> dict:
             f"ddconfig.z_channels={dd.z_channels} != embed_dim={ae.embed_dim}: diffusers' "
             "AutoencoderKL ties the encoder's latent width to latent_channels")
     levels = len(dd.ch_mult)
+    scaling = scaling or {"scale_factor": ae.scale_factor}
     return {
         "_class_name": "AutoencoderKL", "_diffusers_version": _DIFFUSERS_VERSION,
         "in_channels": dd.in_channels, "out_channels": dd.out_ch,
@@ -93,20 +95,21 @@ def diffusers_config(ae: AutoencoderKL) -> dict:
         "block_out_channels": [dd.ch * m for m in dd.ch_mult],
         "layers_per_block": dd.num_res_blocks, "act_fn": "silu",
         "latent_channels": ae.embed_dim, "norm_num_groups": 32,
-        "sample_size": dd.size[0], "scaling_factor": ae.scale_factor,
-        "shift_factor": None, "latents_mean": None, "latents_std": None,
+        "sample_size": dd.size[0], "scaling_factor": scaling["scale_factor"],
+        "shift_factor": None, "latents_mean": scaling.get("latents_mean"),
+        "latents_std": scaling.get("latents_std"),
         "force_upcast": True, "use_quant_conv": True, "use_post_quant_conv": True,
         "mid_block_add_attention": True,
     }
 
 
-def write_diffusers(ae: AutoencoderKL, out_dir: str | Path) -> dict:
+def write_diffusers(ae: AutoencoderKL, out_dir: str | Path, scaling: dict | None = None) -> dict:
     """Write config.json + safetensors into `out_dir`; returns their names and SHA-256."""
     from safetensors.torch import save_file  # optional: only this format needs it
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = diffusers_config(ae)
+    config = diffusers_config(ae, scaling)
     (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
     save_file(diffusers_state_dict(ae), str(out_dir / WEIGHTS_FILE), metadata={"format": "pt"})
     (out_dir / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; servers may run as others

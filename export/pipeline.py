@@ -12,8 +12,8 @@ import onnxscript
 import torch
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import (EMA_PREFIX, load_into, model_config_of, network_state_dict,
-                              read_checkpoint, resolve_checkpoint)
+from model.checkpoint import (EMA_PREFIX, latent_scaling, load_into, model_config_of,
+                              network_state_dict, read_checkpoint, resolve_checkpoint)
 from model.config import ModelConfig, to_dict
 from model.io import to_model
 from model.manifest import (FORMAT_VERSION, MANIFEST_NAME, check_source_checkpoint,
@@ -58,6 +58,7 @@ class Source:
     path: Path
     step: int | None
     weights: str  # "ema" or "model"
+    scaling: dict  # latent_scaling(): scale_factor, its source, latents_mean / latents_std
 
     def describe(self) -> dict:
         return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path),
@@ -77,7 +78,8 @@ def load_source(ckpt: str | Path, config: ModelConfig | dict | str | None = None
     load_into(ae, network_state_dict(raw, weights == "ema"), path)
     step = raw.get("step")
     step = step if isinstance(step, int) and not isinstance(step, bool) else None
-    return Source(ae.eval(), cfg, path, step, weights)
+    return Source(ae.eval(), cfg, path, step, weights,
+                  latent_scaling(raw, cfg.scale_factor, weights))
 
 
 def _tensors(spec: dict[str, list], names: list[str]) -> list[dict]:
@@ -96,7 +98,7 @@ def build_manifest(source: Source, opts: ExportOptions, graphs: dict[str, Path],
         "format_version": FORMAT_VERSION, **entries,
         "downsample_factor": ae.downsample_factor, "latent_channels": ae.embed_dim,
         "in_channels": ae.ddconfig.in_channels,
-        "value_range": {"image": [-1, 1], "map": [0, 1]}, "scale_factor": ae.scale_factor,
+        "value_range": {"image": [-1, 1], "map": [0, 1]}, **source.scaling,
         "precision": "fp16" if opts.fp16 else "fp32", "opset": opts.opset,
         "exporter": opts.exporter, "export_seconds": seconds,
         "model_config": to_dict(source.config),
@@ -139,7 +141,7 @@ def export_onnx(source: Source, opts: ExportOptions, log=print) -> dict:
 
 def export_diffusers(source: Source, out: Path, check: bool, log=print) -> dict:
     """Write the diffusers folder; with `check`, load it in diffusers and compare."""
-    info = diffusers_format.write_diffusers(source.ae, out)
+    info = diffusers_format.write_diffusers(source.ae, out, source.scaling)
     log(f"wrote diffusers AutoencoderKL folder {out} ({info['config']}, {info['weights']})")
     if not check:
         return info

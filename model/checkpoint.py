@@ -3,7 +3,9 @@
 One file format serves training, export and serving: a dict with `model` (the autoencoder's
 state dict; the trainer adds the loss modules under `loss.`), `ema` (upstream layout:
 `ema_model.`-prefixed keys), `step`, and `config` (the resolved run config, so the file is
-self-describing). Upstream RadioDiff `model-N.pt` files have the same layout minus `config`.
+self-describing), plus `latent_stats` once `python -m train latent-stats` has run (plain
+floats, lists and strings). Upstream RadioDiff `model-N.pt` files have the same layout minus
+`config`.
 """
 from __future__ import annotations
 
@@ -21,7 +23,9 @@ from .autoencoder import AutoencoderKL
 from .config import ConfigError, ModelConfig, from_dict, resolve_config_path
 
 EMA_PREFIX = "ema_model."
+LATENT_STATS_KEY = "latent_stats"  # written by `python -m train latent-stats`
 _MILESTONE = re.compile(r"model-(\d+)\.pt$")
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # bundled models, by name
 
 
 class CheckpointError(ValueError):
@@ -53,16 +57,30 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(found)[1] if found else None
 
 
+def bundled_checkpoint(name: str | Path) -> Path | None:
+    """The file of a bundled model name (`reference`: model/weights/reference.pt), else None."""
+    if Path(name).parent != Path(".") or str(name).endswith(".pt"):
+        return None
+    path = WEIGHTS_DIR / f"{name}.pt"
+    return path if path.is_file() else None
+
+
 def resolve_checkpoint(path_or_dir: str | Path) -> Path:
-    """A checkpoint file, or the latest `model-N.pt` of a run directory."""
+    """A checkpoint file, the latest `model-N.pt` of a run directory, or a bundled model name
+    (a path that exists wins over the name)."""
     path = Path(path_or_dir)
+    bundled = None if path.exists() else bundled_checkpoint(path)
+    if bundled is not None:
+        return bundled
     if path.is_dir():
         found = latest_checkpoint(path)
         if found is None:
             raise CheckpointError(f"{path}: directory holds no model-N.pt checkpoint")
         return found
     if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file or run directory")
+        names = ", ".join(sorted(p.stem for p in WEIGHTS_DIR.glob("*.pt"))) or "none"
+        raise CheckpointError(f"{path}: no such checkpoint file or run directory, nor a bundled "
+                              f"model name (bundled: {names})")
     return path
 
 
@@ -89,6 +107,27 @@ def _load_failure(err: Exception) -> str:
     first = detail.group(1) if detail else (text.strip().splitlines() or [""])[0]
     return (f"not a readable torch checkpoint (truncated, or not written by torch.save): "
             f"{type(err).__name__} {first}".rstrip())
+
+
+def latent_stats(ckpt: dict) -> dict | None:
+    """The latent statistics `python -m train latent-stats` stored in a checkpoint, or None."""
+    stats = ckpt.get(LATENT_STATS_KEY)
+    return stats if isinstance(stats, dict) and "scale_factor" in stats else None
+
+
+def latent_scaling(ckpt: dict, config_scale: float, weights: str | None = None) -> dict:
+    """The latent scale to use and where it comes from: the stored statistics (when they were
+    computed on `weights`, if given), else the config's fixed scale_factor (no mean/std)."""
+    stats = latent_stats(ckpt)
+    if stats is None or (weights is not None and stats.get("weights", weights) != weights):
+        fixed = "RadioDiff's fixed 0.3" if config_scale == 0.3 else "model.scale_factor"
+        return {"scale_factor": float(config_scale), "scale_factor_source": f"config ({fixed})",
+                "latents_mean": None, "latents_std": None}
+    return {"scale_factor": float(stats["scale_factor"]),
+            "scale_factor_source": f"latent_stats ({stats.get('split')} split, "
+                                   f"{stats.get('maps')} maps)",
+            "latents_mean": [float(v) for v in stats["latents_mean"]],
+            "latents_std": [float(v) for v in stats["latents_std"]]}
 
 
 def network_state_dict(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:

@@ -2,7 +2,8 @@
 
 A radio map at the edges of the system (PNG files, the HTTP API, numpy arrays) is a float
 array in [0, 1]: an 8-bit RadioMapSeer pixel p is p / 255, a 16-bit one p / 65535. Inside the
-network the same map is (x - 0.5) / 0.5, in [-1, 1].
+network the same map is (x - 0.5) / 0.5, in [-1, 1]. A gain map's gray level g in [0, 1] is
+GAIN_MIN_DB + g * (GAIN_MAX_DB - GAIN_MIN_DB) dB (RadioMapSeer's scaling; 0 inside buildings).
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ MEAN, STD = 0.5, 0.5
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 RANGE_TOLERANCE = 1e-3  # resampling may overshoot [0, 1] by a hair
+GAIN_MAX_DB, GAIN_MIN_DB = -47.0, -147.0  # RadioMapSeer's path gain at gray 1 (255) and gray 0
 
 
 class RadioMapError(ValueError):

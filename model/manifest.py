@@ -29,6 +29,9 @@ _REQUIRED = {
     "precision": str, "opset": int, "model_config": dict, "source_checkpoint": dict,
     "versions": dict, "parity": dict, "providers": list,
 }
+# Optional (absent from manifests written before `python -m train latent-stats` existed): where
+# scale_factor comes from, and the per-channel latent statistics (null without them).
+_LATENT_STATS = ("latents_mean", "latents_std")
 
 
 class ManifestError(ValueError):
@@ -75,6 +78,20 @@ def _check_graph(name: str, entry: dict, where: str) -> None:
                     where, f"{name}.{key}: each tensor needs dtype 'float32' and a shape list")
 
 
+def _check_latent_stats(manifest: dict, where: str) -> None:
+    """The optional scale_factor_source (a string) and latents_mean / latents_std (null, or one
+    number per latent channel)."""
+    if "scale_factor_source" in manifest:
+        _check_type(manifest["scale_factor_source"], str, where, "scale_factor_source")
+    for key in _LATENT_STATS:
+        value = manifest.get(key)
+        if value is not None:
+            _expect(isinstance(value, list) and len(value) == manifest["latent_channels"], where,
+                    f"{key!r} must be null or a list of {manifest['latent_channels']} numbers")
+            for item in value:
+                _check_type(item, float, where, key)
+
+
 def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
     """Check a manifest dict against format version 1; returns it, or raises ManifestError."""
     _expect(isinstance(manifest, dict), where, "expected a JSON object")
@@ -86,6 +103,7 @@ def validate_manifest(manifest: Any, where: str = MANIFEST_NAME) -> dict:
         _check_type(manifest[key], tp, where, key)
     for name in GRAPH_IO:
         _check_graph(name, manifest[name], where)
+    _check_latent_stats(manifest, where)
     _expect(manifest["precision"] in PRECISIONS, where,
             f"precision must be one of {list(PRECISIONS)}, got {manifest['precision']!r}")
     source = manifest["source_checkpoint"]

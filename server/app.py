@@ -160,7 +160,7 @@ def info_document(settings: Settings, ctx: Context, workers: list[dict]) -> dict
     return {
         "model": {"backend": spec.backend, "source": spec.path, "precision": spec.precision,
                   "downsample_factor": f, "latent_channels": z,
-                  "scale_factor": spec.scale_factor, "config": spec.model_config},
+                  **spec.scaling(), "config": spec.model_config},
         "shapes": {"map": "[H, W], [1, H, W] or [N, 1, H, W] float32 in [0, 1], or a PNG",
                    "latent": f"[{z}, H/{f}, W/{f}] or [N, {z}, H/{f}, W/{f}] float32",
                    "accepted_sizes": limits.accepted()},

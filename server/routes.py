@@ -173,8 +173,9 @@ _PARAMETERS = {
     "seed": ({"type": "integer", "minimum": 0, "maximum": MAX_SEED},
              "with mode=sample: a torch.Generator seed, for reproducible samples"),
     "scaled": ({"type": "boolean", "default": False},
-               "latents times the model's scale factor (GET /info), as latent diffusion uses "
-               "them; on /decode the latents are divided by it first"),
+               "latents times the model's scale factor (GET /info: the checkpoint's stored "
+               "latent_stats value, else 0.3), as latent diffusion uses them; on /decode the "
+               "latents are divided by it first"),
     "resize": ({"type": "string", "pattern": r"^\d+,\d+$", "example": "256,256"},
                "resize input maps to H,W (bilinear) when their size is not accepted"),
     "bits": ({"type": "integer", "enum": [8, 16], "default": 8},

@@ -96,7 +96,7 @@ def _default(name: str) -> str:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m server",
+        prog="python -m server", allow_abbrev=False,
         description="Serve a RadioDiff VAE over HTTP: POST /encode, /decode, /reconstruct. "
                     f"Every option can also be set as an environment variable {ENV_PREFIX}<OPTION> "
                     f"(e.g. {ENV_PREFIX}MAX_BATCH_SIZE=8); the command line wins.")

@@ -5,7 +5,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from model.checkpoint import CheckpointError, model_config_of, read_checkpoint, resolve_checkpoint
+from model.checkpoint import (CheckpointError, latent_scaling, model_config_of, read_checkpoint,
+                              resolve_checkpoint)
 from model.config import ModelConfig, to_dict
 from model.manifest import MANIFEST_NAME, read_manifest
 
@@ -27,6 +28,15 @@ class ModelSpec:
     model_config: dict[str, Any]
     precision: str = "fp32"
     graph_files: dict[str, str] = field(default_factory=dict)  # onnx: "encoder"/"decoder" -> file
+    # Where scale_factor comes from, and the per-channel latent statistics (None without them).
+    scale_factor_source: str = "config"
+    latents_mean: Optional[list[float]] = None
+    latents_std: Optional[list[float]] = None
+
+    def scaling(self) -> dict[str, Any]:
+        """scale_factor, its source, latents_mean and latents_std, for /info."""
+        return {"scale_factor": self.scale_factor, "scale_factor_source": self.scale_factor_source,
+                "latents_mean": self.latents_mean, "latents_std": self.latents_std}
 
     @property
     def config_size(self) -> tuple[int, int]:
@@ -81,11 +91,15 @@ def describe_model(settings: Settings) -> ModelSpec:
 def _from_checkpoint(path: Path, config: Optional[str]) -> ModelSpec:
     try:
         ckpt_path = resolve_checkpoint(path)
-        cfg: ModelConfig = model_config_of(read_checkpoint(ckpt_path), ckpt_path, config)
+        ckpt = read_checkpoint(ckpt_path)
+        cfg: ModelConfig = model_config_of(ckpt, ckpt_path, config)
     except CheckpointError as err:
         raise ModelSourceError(str(err)) from None
+    scaling = latent_scaling(ckpt, cfg.scale_factor)  # both use the default (EMA) weights
     return ModelSpec("torch", str(ckpt_path), cfg.ddconfig.downsample_factor, cfg.embed_dim,
-                     cfg.scale_factor, to_dict(cfg))
+                     scaling["scale_factor"], to_dict(cfg),
+                     scale_factor_source=scaling["scale_factor_source"],
+                     latents_mean=scaling["latents_mean"], latents_std=scaling["latents_std"])
 
 
 def _from_export(path: Path) -> ModelSpec:
@@ -93,4 +107,6 @@ def _from_export(path: Path) -> ModelSpec:
     return ModelSpec("onnx", str(path), manifest["downsample_factor"],
                      manifest["latent_channels"], float(manifest["scale_factor"]),
                      manifest["model_config"], manifest["precision"],
-                     {name: manifest[name]["file"] for name in ("encoder", "decoder")})
+                     {name: manifest[name]["file"] for name in ("encoder", "decoder")},
+                     manifest.get("scale_factor_source", "manifest"),
+                     manifest.get("latents_mean"), manifest.get("latents_std"))

@@ -11,8 +11,8 @@ from PIL import Image
 from model.config import ConfigError
 from model.io import read_png, to_model
 from train.config import DataConfig
-from train.data import DataError, build_dataset, build_loader
-from train.data.splits import split_map_ids
+from train.data import DataError, build_dataset, build_loader, validation_subset
+from train.data.splits import spanning_subset, split_map_ids
 
 NUM_MAPS, NUM_TX = 10, 3  # maps 0..10 on disk (map 0 is never read, as upstream)
 SIMULATIONS = ("DPM", "IRT2", "IRT4", "carsDPM", "carsIRT2", "carsIRT4")
@@ -177,6 +177,58 @@ def test_flips_do_not_depend_on_workers_or_on_resuming(tree):
     serial = two_epochs(0)
     assert all(torch.equal(a, b) for a, b in zip(serial, two_epochs(2)))
     assert torch.equal(two_epochs(0, start=1)[0], serial[1])  # resumed at epoch 1
+
+
+def test_crops_are_windows_of_the_whole_map_in_training_only(tree):
+    train = build_dataset(_cfg(tree, crop_size=[40, 24]), "train")
+    whole = build_dataset(_cfg(tree), "train")
+    origins = set()
+    for epoch in range(6):
+        train.set_epoch(epoch)
+        item, ref = train[1], whole[1]
+        assert item["image"].shape == (1, 40, 24)
+        top, left = train.crop_origin(1, 256, 256)
+        origins.add((top, left))
+        for key in ("image", "buildings", "tx"):  # one window for every channel
+            assert torch.equal(item[key], ref[key][:, top:top + 40, left:left + 24])
+        assert torch.equal(train[1]["image"], item["image"])  # fixed within an epoch
+    assert len(origins) == 6  # a new window each epoch
+    for split in ("val", "test"):  # judged on whole maps
+        assert build_dataset(_cfg(tree, crop_size=[40, 24]), split)[0]["image"].shape == (1, 256, 256)
+    with pytest.raises(ConfigError, match="crop_size"):
+        _cfg(tree, crop_size=[300, 24], image_size=[256, 256]).validate("data")
+
+
+def test_crops_do_not_depend_on_workers_or_on_resuming(tree):
+    ds = build_dataset(_cfg(tree, crop_size=[16, 16], hflip=True), "train")
+
+    def two_epochs(num_workers, start=0):
+        loader = build_loader(ds, batch_size=7, seed=5, num_workers=num_workers)
+        loader.sampler.set_epoch(start)
+        return [torch.cat([b["image"] for b in loader]) for _ in range(2 - start)]
+
+    serial = two_epochs(0)
+    assert not torch.equal(serial[0], serial[1])
+    assert all(torch.equal(a, b) for a, b in zip(serial, two_epochs(2)))
+    assert torch.equal(two_epochs(0, start=1)[0], serial[1])  # resumed at epoch 1
+
+
+def test_validation_subset_spans_every_map_before_repeating(tree):
+    val = build_dataset(_cfg(tree, num_maps=10), "val")  # few maps: repeats are needed
+    maps = len(val.map_ids)
+    subset = validation_subset(val, maps + 1, seed=3)
+    names = [subset[i]["name"] for i in range(len(subset))]
+    first_round = {n.split("_")[0] for n in names[:maps]}
+    assert len(first_round) == maps  # every val map once before any repeats
+    assert len(set(names)) == len(names)  # a repeat takes another transmitter
+    again = validation_subset(build_dataset(_cfg(tree, num_maps=10), "val"), maps + 1, seed=3)
+    assert [again[i]["name"] for i in range(len(again))] == names  # the same at every checkpoint
+
+
+def test_validation_subset_of_many_maps_has_as_many_distinct_maps_as_items():
+    indices = spanning_subset(list(range(100, 180)), num_tx=80, size=64, seed=42)
+    assert len({i // 80 for i in indices}) == 64
+    assert len(spanning_subset(list(range(5)), num_tx=2, size=64)) == 10  # capped at the split
 
 
 def _names(loader):

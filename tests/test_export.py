@@ -51,6 +51,8 @@ def test_manifest_describes_graphs_model_and_source(exported, ckpt):
     assert m["exporter"] == "dynamo"
     assert (m["downsample_factor"], m["latent_channels"], m["in_channels"]) == (4, 3, 1)
     assert m["scale_factor"] == 0.3
+    assert m["scale_factor_source"] == "config (RadioDiff's fixed 0.3)"  # no latent-stats run
+    assert m["latents_mean"] is None and m["latents_std"] is None
     assert m["value_range"] == {"image": [-1, 1], "map": [0, 1]}
     assert m["model_config"] == to_dict(tiny_model_config())
     assert m["source_checkpoint"] == {"path": str(ckpt.resolve()), "sha256": sha256_file(ckpt),

@@ -1,4 +1,5 @@
 import copy
+import importlib.util
 import json
 import os
 import shutil
@@ -12,14 +13,15 @@ import pytest
 import torch
 import yaml
 
-from model.checkpoint import load_autoencoder, read_checkpoint
+from model.checkpoint import latest_checkpoint, load_autoencoder, read_checkpoint
+from model.config import ConfigError
 from train.__main__ import main
 from train.config import TrainerConfig, load_config
 from train.data import build_dataset
-from train.ema import EMA
+from train.ema import EMA, ema_decay
 from train.logging import read_metrics
 from train.schedule import lr_multiplier
-from train.trainer import Trainer, TrainingDiverged
+from train.trainer import Trainer, TrainingDiverged, autocast_dtype, strip_prefix
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -34,7 +36,7 @@ def tiny_run(tmp_path: Path, **trainer) -> dict:
         "data": {"name": "synthetic", "num_maps": 8, "num_tx": 2, "image_size": [32, 32],
                  "num_workers": 0},
         "trainer": {"lr": 1e-3, "min_lr": 1e-4, "batch_size": 2, "train_num_steps": 4,
-                    "save_and_sample_every": 2, "log_freq": 1, "val_batches": 1,
+                    "save_and_sample_every": 2, "log_freq": 1, "val_size": 2,
                     "num_samples": 2, "ema_update_after_step": 1, "ema_update_every": 1,
                     "results_folder": str(tmp_path / "run"), **trainer},
     }
@@ -167,6 +169,14 @@ def test_resume_after_a_kill_gives_the_same_next_losses(tmp_path, data):
     assert sorted(b) == list(range(6))  # every step logged once
     for s in (3, 4, 5):
         assert a[s] == {**b[s], "it_per_s": a[s]["it_per_s"]}  # bit-for-bit losses
+    # the val/ record of the checkpoint resumed from (step 3) is kept, once
+    assert [r for r in read_metrics(killed) if "val/psnr" in r] == [
+        r for r in read_metrics(full) if "val/psnr" in r]
+    if importlib.util.find_spec("tensorboard") is not None:  # and TensorBoard shows it once
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        events = EventAccumulator(str(killed))
+        events.Reload()
+        assert [e.step for e in events.Scalars("val/psnr")] == [3, 6]
     end_a, end_b = read_checkpoint(full / "model-2.pt"), read_checkpoint(killed / "model-2.pt")
     assert _same(end_a["model"], end_b["model"]) and _same(end_a["ema"], end_b["ema"])
 
@@ -234,7 +244,7 @@ def test_quickstart_loss_falls_and_leaves_checkpoint_samples_metrics_report(tmp_
     run_dir = tmp_path / "qs"
     rc = main(["--cfg", "quickstart.yaml", f"trainer.results_folder={run_dir}",
                "trainer.train_num_steps=12", "trainer.save_and_sample_every=12",
-               "trainer.log_freq=1", "trainer.batch_size=2", "trainer.val_batches=1",
+               "trainer.log_freq=1", "trainer.batch_size=2", "trainer.val_size=2",
                "model.lossconfig.disc_start=9", "data.num_maps=8", "data.num_tx=2"])
     assert rc == 0
     rec = [r["train/rec_loss"] for r in steps(run_dir).values()]
@@ -250,8 +260,12 @@ def test_quickstart_loss_falls_and_leaves_checkpoint_samples_metrics_report(tmp_
     assert main(["eval", "--ckpt", str(run_dir), "--split", "test"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{"):])
-    assert result["split"] == "test" and result["weights"] == "ema" and result["psnr"] > 5
-    assert "| PSNR |" in out
+    assert result["split"] == "test" and result["weights"] == "ema"
+    assert result["maps"] == result["split_maps"] > 0  # the whole split
+    assert result["native"]["metrics"]["psnr"]["mean"] > 5 and result["model"]["size"] == [64, 64]
+    assert len(result["native"]["worst"]) == min(10, result["maps"])
+    assert "| psnr |" in out and "| rmse_db |" in out
+    assert any("val/rmse_db" in r and "val/tx_rmse_db" in r for r in read_metrics(run_dir))
 
 
 def test_user_errors_exit_2_with_a_message(tmp_path, capsys):
@@ -283,7 +297,7 @@ def test_lr_schedule_floors_at_absolute_min_lr_after_warmup():
 
 def test_ema_copies_during_warmup_then_averages():
     net = torch.nn.Linear(2, 1)
-    ema = EMA(net, decay=0.9, update_every=1, update_after_step=1)
+    ema = EMA(net, decay=0.9, update_every=1, update_after_step=1, power=0)  # a fixed decay
     for value, expected in ((1.0, 1.0), (2.0, 2.0), (3.0, 2.1)):  # steps 0, 1 copy; 2 averages
         torch.nn.init.constant_(net.weight, value)
         ema.update()
@@ -293,3 +307,136 @@ def test_ema_copies_during_warmup_then_averages():
     clone = EMA(copy.deepcopy(net), 0.9, 1, 1)
     clone.load_state_dict(state)
     assert clone.step == 3 and torch.equal(clone.ema_model.weight, ema.ema_model.weight)
+
+
+@pytest.mark.parametrize("step, expected", [(0, 0.0), (101, 0.0), (102, 1 - 2 ** (-2 / 3)),
+                                            (1100, 1 - 1000 ** (-2 / 3)), (10 ** 6, 0.995)])
+def test_ema_decay_warm_up_follows_the_formula(step, expected):
+    # decay = 1 - (1 + t / inv_gamma) ** -power, t = step - update_after_step - 1, capped
+    assert ema_decay(step, 0.995, 100) == pytest.approx(expected, rel=1e-12)
+    assert ema_decay(step, 0.995, 100, power=0) == (0.0 if step <= 101 else 0.995)
+
+
+def test_ema_matches_ema_pytorch_step_for_step():
+    ema_pytorch = pytest.importorskip("ema_pytorch")
+    torch.manual_seed(0)
+    net = torch.nn.Linear(3, 2)
+    ours = EMA(net, decay=0.99, update_every=2, update_after_step=3)
+    theirs = ema_pytorch.EMA(net, beta=0.99, update_every=2, update_after_step=3,
+                             include_online_model=False)
+    for _ in range(40):
+        with torch.no_grad():
+            net.weight.add_(torch.randn_like(net.weight))
+        ours.update()
+        theirs.update()
+        assert torch.allclose(ours.ema_model.weight, theirs.ema_model.weight, atol=1e-6)
+        assert ours.current_decay() == pytest.approx(float(theirs.get_current_decay()))
+
+
+def test_a_fresh_run_moves_an_earlier_run_aside(tmp_path, data, capsys, monkeypatch):
+    run(tiny_run(tmp_path), data)  # model-1.pt, model-2.pt, samples, metrics
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr(time, "strftime", lambda *args: "20250101T000000Z")
+    (tmp_path / "run.prev-20250101T000000Z").mkdir()  # a name already taken is never reused
+    capsys.readouterr()
+    run(tiny_run(tmp_path, train_num_steps=2), data)
+    moved = tmp_path / "run.prev-20250101T000000Z-1"
+    assert f"moved it to {moved}" in capsys.readouterr().out
+    assert not any((tmp_path / "run.prev-20250101T000000Z").iterdir())
+    assert {"model-1.pt", "model-2.pt", "sample-2.png", "metrics.jsonl"} <= {
+        p.name for p in moved.iterdir()}
+    assert sorted(p.name for p in [*run_dir.glob("model-*"), *run_dir.glob("sample-*")]) == [
+        "model-1.pt", "sample-1.png"]
+    assert latest_checkpoint(run_dir) == run_dir / "model-1.pt"  # eval / export load this run
+    assert sorted(steps(run_dir)) == [0, 1]
+
+
+def test_resuming_a_finished_run_changes_nothing(tmp_path, data, capsys):
+    raw = tiny_run(tmp_path)
+    run(raw, data)
+    cfg_path = tmp_path / "tiny.yaml"
+    cfg_path.write_text(yaml.safe_dump(raw))
+    run_dir = tmp_path / "run"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    assert [r["step"] for r in read_metrics(run_dir) if "val/psnr" in r] == [2, 4]
+    capsys.readouterr()
+    assert main(["--cfg", str(cfg_path), "--resume"]) == 0
+    assert "already finished" in capsys.readouterr().out
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+    assert not list(tmp_path.glob("run.prev-*"))
+
+
+def test_fp16_means_float16_mixed_precision_and_is_refused_on_cpu(tmp_path, data):
+    assert autocast_dtype(TrainerConfig(fp16=True)) == torch.float16  # upstream: fp16 alone
+    assert autocast_dtype(TrainerConfig(fp16=True, amp=True)) == torch.float16
+    assert autocast_dtype(TrainerConfig(amp=True)) == torch.bfloat16
+    assert autocast_dtype(TrainerConfig()) is None
+    for amp in (False, True):
+        with pytest.raises(ConfigError) as err:
+            Trainer(load_config(tiny_run(tmp_path, fp16=True, amp=amp, device="cpu")), *data)
+        assert "trainer.fp16" in str(err.value) and "trainer.amp" in str(err.value)
+    assert main(["--cfg", "quickstart.yaml", "trainer.fp16=true", "trainer.device=cpu",
+                 f"trainer.results_folder={tmp_path / 'fp16'}"]) == 2
+    assert not (tmp_path / "fp16").exists()
+    trainer = Trainer(load_config(tiny_run(tmp_path, amp=True, device="cpu")), *data)
+    with trainer.autocast():
+        assert torch.is_autocast_enabled("cpu")
+        assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    assert not trainer.scaler.is_enabled()
+
+
+def upstream_file(tmp_path: Path, data, path: Path) -> dict:
+    """An upstream RadioDiff model-N.pt at `path` (no config or rng; `ema` holds the loss
+    keys too; opt_disc from other parameters), from 2 phase-2 steps; returns its payload."""
+    raw = tiny_run(tmp_path / "upstream", train_num_steps=2, save_and_sample_every=100)
+    raw["model"]["lossconfig"]["disc_start"] = 0
+    src = run(raw, data)
+    model = {**src.model.state_dict(),
+             **{f"loss.{k}": v for k, v in src.loss.state_dict().items()},
+             "loss.logvar": torch.tensor(0.25),
+             "loss.perceptual_loss.net.slice1.0.weight": torch.randn(64, 3, 3, 3)}
+    ema = {f"ema_model.{k}": v + 0.5 if v.is_floating_point() else v for k, v in model.items()}
+    ema.update(step=torch.tensor(2), initted=torch.tensor(True))
+    other = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))])
+    other.param_groups[0]["params"][0].grad = torch.ones(3)
+    other.step()
+    payload = {"step": 2, "model": model, "ema": ema, "opt_ae": src.opt_ae.state_dict(),
+               "lr_scheduler_ae": src.sched_ae.state_dict(), "opt_disc": other.state_dict(),
+               "lr_scheduler_disc": src.sched_disc.state_dict(), "scaler": None}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(payload, path)
+    return payload
+
+
+def test_upstream_file_fine_tunes_with_its_critic_and_resumes_as_a_warm_start(tmp_path, data):
+    path = tmp_path / "run" / "model-1.pt"
+    up = upstream_file(tmp_path, data, path)
+    raw = tiny_run(tmp_path / "tune")
+    raw["model"]["ckpt_path"] = str(path)
+    tuned = Trainer(load_config(raw), *data)
+    critic = strip_prefix(up["model"], "loss.discriminator.")
+    assert _same(tuned.loss.discriminator.state_dict(), critic)  # the critic, exactly
+    assert tuned.loss.logvar.item() == 0.25
+    assert _same(tuned.model.state_dict(), _net(strip_prefix(up["ema"], "ema_model.")))
+    raw["model"]["ignore_keys"] = ["loss.discriminator"]  # keeps its fresh initialisation
+    fresh_critic = Trainer(load_config(raw), *data).loss.discriminator.state_dict()
+    assert fresh_critic.keys() == critic.keys() and not _same(fresh_critic, critic)
+    # --resume finds the upstream file: a warm start
+    trainer = Trainer(load_config(tiny_run(tmp_path)), *data)
+    note = trainer.resume(path)
+    assert "warm start: restored autoencoder, EMA, critic, logvar, opt_ae and step 2" in note
+    assert "not restored: opt_disc (param groups differ), lr schedules" in note
+    assert trainer.step == 2 and trainer.ema.step == 2
+    assert _same(trainer.model.state_dict(), _net(up["model"]))
+    assert _same(trainer.ema.ema_model.state_dict(), _net(strip_prefix(up["ema"], "ema_model.")))
+    assert _same(trainer.loss.discriminator.state_dict(), critic)
+    saved, mine = up["opt_ae"]["state"], trainer.opt_ae.state_dict()["state"]
+    assert saved.keys() == mine.keys() and all(
+        torch.equal(saved[i]["exp_avg"], mine[i]["exp_avg"]) for i in saved)
+    assert trainer.opt_disc.state_dict()["state"] == {}
+    tc = trainer.cfg.trainer
+    assert trainer.opt_ae.param_groups[0]["lr"] == pytest.approx(tc.lr * lr_multiplier(tc)(2))
+    assert trainer.train() is None  # steps 2, 3 in the same folder; the upstream file stays
+    assert read_checkpoint(tmp_path / "run" / "model-2.pt")["step"] == 4
+    assert path.is_file() and not list(tmp_path.glob("run.prev-*"))
+    assert sorted(steps(tmp_path / "run")) == [2, 3]

@@ -1,5 +1,5 @@
-"""`python -m train --cfg quickstart.yaml [KEY=VALUE ...] [--resume]`, plus the `report` and
-`eval` subcommands. Config and file errors print one message and exit 2."""
+"""`python -m train --cfg quickstart.yaml [KEY=VALUE ...] [--resume]`, plus the `report`,
+`eval` and `latent-stats` subcommands. Config and file errors print one message and exit 2."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from model.checkpoint import CheckpointError, latest_checkpoint
+from model.checkpoint import CheckpointError
 from model.config import ConfigError
 from model.io import RadioMapError
 from model.lpips import LPIPSWeightsError
@@ -19,7 +19,7 @@ EXIT_USER_ERROR, EXIT_DIVERGED = 2, 1
 
 def _train_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m train",
+        prog="python -m train", allow_abbrev=False,
         description="Train the RadioDiff VAE-GAN. Subcommands: `report RUN_DIR`, "
                     "`eval --ckpt CKPT --split test`.")
     p.add_argument("--cfg", required=True, help="a YAML path or a bundled config name "
@@ -42,15 +42,11 @@ def train_command(argv: list[str]) -> int:
         cfg = load_config(args.cfg, args.overrides)
         resume = checkpoint_to_resume(cfg, latest=args.resume)
         trainer = Trainer(cfg)
-        if resume is not None:
-            trainer.resume(resume)
-            _say(trainer, f"resuming from {resume} at step {trainer.step}")
-        elif args.resume:
+        if resume is not None and not _resume(trainer, resume):
+            return 0
+        if resume is None and args.resume:
             _say(trainer, f"--resume: no model-N.pt in {cfg.trainer.results_folder}; "
                           "starting from step 0")
-        elif latest_checkpoint(cfg.trainer.results_folder) is not None:
-            _say(trainer, f"note: {cfg.trainer.results_folder} holds checkpoints of an earlier "
-                          "run; this fresh run overwrites them (--resume continues it instead)")
         signum = trainer.train()
     except (*USER_ERRORS, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -70,13 +66,24 @@ def train_command(argv: list[str]) -> int:
     return 0
 
 
+def _resume(trainer, path: Path) -> bool:
+    """Load `path` into the trainer and say so; False when that run is already finished."""
+    note = trainer.resume(path)
+    if trainer.finished:
+        _say(trainer, f"{path}: already finished (step {trainer.step} of trainer.train_num_steps "
+                      f"{trainer.cfg.trainer.train_num_steps}); nothing to do, {trainer.run_dir} "
+                      "is left unchanged (raise trainer.train_num_steps to train on)")
+        return False
+    _say(trainer, f"resuming from {path} at step {trainer.step}" + (f"; {note}" if note else ""))
+    return True
+
+
 def _say(trainer, message: str) -> None:
-    if trainer.env.is_main:
-        print(message, flush=True)
+    trainer.say(message)
 
 
 def report_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m train report",
+    p = argparse.ArgumentParser(prog="python -m train report", allow_abbrev=False,
                                 description="Write RUN_DIR/report.html: loss curves, phase "
                                             "switch, sample grids, validation table.")
     p.add_argument("run_dir")
@@ -93,22 +100,20 @@ def report_command(argv: list[str]) -> int:
 
 
 def eval_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="python -m train eval",
-                                description="Reconstruction PSNR/SSIM/NMSE/RMSE of a checkpoint "
-                                            "(EMA weights) on a data split.")
-    p.add_argument("--ckpt", required=True, help="a model-N.pt file or a run directory")
-    p.add_argument("--split", default="test", choices=["train", "val", "test"])
-    p.add_argument("--cfg", help="config for the data (and the model, for upstream checkpoints); "
-                   "default: the config stored in the checkpoint")
-    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    from train.loading import add_split_arguments
+    p = argparse.ArgumentParser(prog="python -m train eval", allow_abbrev=False,
+                                description="Reconstruction PSNR/SSIM/NMSE/RMSE and radio-map "
+                                            "metrics (dB) of a checkpoint (EMA weights) on a "
+                                            "data split, at native and at model resolution, "
+                                            "with the worst maps by PSNR.")
+    add_split_arguments(p, "test")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
-    p.add_argument("--json", help="also write the results to this JSON file")
     args = p.parse_args(argv)
     from train.data import DataError
     from train.evaluate import evaluate_checkpoint, format_table
     try:
         results = evaluate_checkpoint(args.ckpt, args.split, args.cfg, args.overrides,
-                                      use_ema=not args.no_ema)
+                                      use_ema=not args.no_ema, max_maps=args.max_maps)
     except (*USER_ERRORS, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
@@ -120,9 +125,17 @@ def eval_command(argv: list[str]) -> int:
     return 0
 
 
+def latent_stats_command(argv: list[str]) -> int:
+    """`latent-stats`: see train/latent_stats.py."""
+    from train.data import DataError
+    from train.latent_stats import command
+    return command(argv, (*USER_ERRORS, DataError))
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    commands = {"report": report_command, "eval": eval_command}
+    commands = {"report": report_command, "eval": eval_command,
+                "latent-stats": latent_stats_command}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return train_command(argv)

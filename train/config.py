@@ -23,6 +23,8 @@ class DataConfig:
     split: Literal["disjoint", "upstream"] = "disjoint"
     image_size: Union[int, list[int], Literal["native"]] = field(default_factory=lambda: [320, 320])
     hflip: bool = False
+    # [H, W]: train on random crops of this size (after image_size); val / eval see whole maps
+    crop_size: Union[list[int], None] = None
     seed: int = 42
     num_workers: int = 2
     batch_size: Union[int, None] = None  # upstream puts batch_size here; trainer.batch_size wins
@@ -38,6 +40,14 @@ class DataConfig:
         size = self.image_size
         if isinstance(size, list) and (len(size) != 2 or min(size) < 1):
             raise ConfigError(f"{path}.image_size: expected [H, W], an int, or 'native'")
+        crop = self.crop_size
+        if crop is not None and (len(crop) != 2 or min(crop) < 1):
+            raise ConfigError(f"{path}.crop_size: expected [H, W] of positive ints or null")
+        if crop is not None and isinstance(size, (int, list)):
+            height, width = (size, size) if isinstance(size, int) else size
+            if crop[0] > height or crop[1] > width:
+                raise ConfigError(f"{path}.crop_size {crop}: larger than {path}.image_size "
+                                  f"{size}")
 
 
 @dataclass
@@ -52,26 +62,34 @@ class TrainerConfig:
     log_freq: int = 100
     results_folder: str = "results/first_radio"
     resume_milestone: Union[int, None] = None
-    amp: bool = False  # bf16 autocast
-    fp16: bool = False  # float16 instead of bf16 when amp is on (GPU only)
+    amp: bool = False  # bfloat16 autocast (no gradient scaler)
+    # float16 mixed precision (autocast + gradient scaler) whatever `amp` says, as upstream's
+    # accelerate mixed_precision='fp16'; CUDA only: refused at start-up on a CPU device
+    fp16: bool = False
     gradient_checkpointing: bool = False  # recompute block activations in backward: less memory
     batch_size: Union[int, None] = None
     ema_decay: float = 0.995
     ema_update_every: int = 10
     ema_update_after_step: int = 100
+    # ema-pytorch's warm-up: decay = 1 - (1 + t / inv_gamma) ** -power, capped at ema_decay
+    ema_power: float = 2 / 3  # 0: a fixed ema_decay from the first update
+    ema_inv_gamma: float = 1.0
     grad_clip: Union[float, None] = None
-    val_batches: int = 8
+    val_size: int = 64  # validation maps: a fixed seeded subset spanning the val split's maps
     num_samples: int = 8
     seed: int = 42
     device: Literal["auto", "cpu", "cuda"] = "auto"
 
     def validate(self, path: str) -> None:
         for name in ("gradient_accumulate_every", "train_num_steps", "save_and_sample_every",
-                     "log_freq", "ema_update_every"):
+                     "log_freq", "ema_update_every", "val_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{path}.{name}: expected a positive integer")
         if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ConfigError(f"{path}.lr / {path}.min_lr: expected 0 <= min_lr <= lr, lr > 0")
+        if not 0.0 <= self.ema_decay < 1.0 or self.ema_power < 0 or self.ema_inv_gamma <= 0:
+            raise ConfigError(f"{path}.ema_decay / ema_power / ema_inv_gamma: expected "
+                              "0 <= ema_decay < 1, ema_power >= 0, ema_inv_gamma > 0")
         if self.batch_size is not None and self.batch_size < 1:
             raise ConfigError(f"{path}.batch_size: expected a positive integer")
 

@@ -23,12 +23,20 @@ def read_metrics(run_dir: str | Path) -> list[dict]:
     return records
 
 
+def before_checkpoint(records: list[dict], step: int) -> list[dict]:
+    """The records a run had written when it saved its checkpoint at `step`: those of earlier
+    steps and that checkpoint's own `val/` record (a train record at step s is logged after
+    s + 1 optimizer steps, a `val/` record at s after s)."""
+    return [r for r in records if r.get("step", 0) < step
+            or (r.get("step") == step and any(k.startswith("val/") for k in r))]
+
+
 class RunLogger:
     """Appends `{"step": s, name: value, ...}` records; rank 0 only (others pass enabled=False).
 
-    Records at or past `start_step` already in the file (written by a killed run after its last
-    checkpoint, or by an earlier run when starting afresh) are dropped first: each step appears
-    once.
+    When resuming from the checkpoint at `start_step`, records a killed run wrote after that
+    checkpoint are dropped first (`before_checkpoint`), in TensorBoard too: each step appears
+    once. (A fresh run starts in an empty folder: the trainer moves an earlier run aside.)
     """
 
     def __init__(self, run_dir: str | Path, enabled: bool = True, start_step: int = 0):
@@ -38,12 +46,16 @@ class RunLogger:
         if not enabled:
             return
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        kept = before_checkpoint(read_metrics(run_dir), start_step)
         if self.path.is_file():
-            kept = [r for r in read_metrics(run_dir) if r.get("step", 0) < start_step]
             self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
         if importlib.util.find_spec("tensorboard") is not None:
             from torch.utils.tensorboard import SummaryWriter
             self.tb = SummaryWriter(str(run_dir), purge_step=start_step)
+            for record in kept:  # the purge hides the checkpoint's own val/ record: re-add it
+                if record["step"] == start_step:
+                    self._add_scalars(start_step, {k: float(v) for k, v in record.items()
+                                                   if k != "step"})
 
     def log(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
@@ -51,6 +63,9 @@ class RunLogger:
         record = {"step": step, **{k: _json_number(v) for k, v in scalars.items()}}
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+        self._add_scalars(step, scalars)
+
+    def _add_scalars(self, step: int, scalars: dict[str, float]) -> None:
         if self.tb is not None:
             for name, value in scalars.items():
                 self.tb.add_scalar(name, value, step)

@@ -24,21 +24,25 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import (CheckpointError, latest_checkpoint, load_into, network_state_dict,
-                              read_checkpoint, save_checkpoint)
+from model.checkpoint import (EMA_PREFIX, CheckpointError, latest_checkpoint, load_into,
+                              network_state_dict, read_checkpoint, save_checkpoint)
+from model.config import ConfigError
 from model.io import write_png
 from model.losses import LPIPSWithDiscriminator
 from train import distributed
-from train.config import RunConfig, dump_config
-from train.data import build_dataset, build_loader
+from train.config import RunConfig, TrainerConfig, dump_config
+from train.data import build_dataset, build_loader, validation_subset
 from train.ema import EMA
 from train.evaluate import means_from_sums, metric_sums, sample_grid
-from train.logging import RunLogger
+from train.logging import METRICS_FILE, RunLogger
 from train.schedule import lr_multiplier
 from train.signals import StopRequest
 from train.stream import BatchStream
 
 LOSS_PREFIX = "loss."
+CRITIC_PREFIX = LOSS_PREFIX + "discriminator."
+# What makes a folder hold a run: a fresh run moves such a folder aside first.
+RUN_FILES = ("model-*.pt", "sample-*.png", METRICS_FILE, "events.out.tfevents.*")
 
 
 class TrainingDiverged(RuntimeError):
@@ -63,6 +67,71 @@ def checkpoint_to_resume(cfg: RunConfig, latest: bool = False) -> Path | None:
     return latest_checkpoint(run_dir) if latest else None
 
 
+def holds_a_run(run_dir: Path) -> bool:
+    """Whether `run_dir` holds checkpoints, samples, metrics or TensorBoard events of a run."""
+    return any(next(run_dir.glob(pattern), None) is not None for pattern in RUN_FILES)
+
+
+def move_aside(run_dir: Path) -> Path | None:
+    """Rename a folder that holds a run to `<folder>.prev-<UTC time>` (a new name, never an
+    existing one) and recreate it empty; return where the old run went, or None."""
+    if not holds_a_run(run_dir):
+        return None
+    folder = run_dir.resolve()
+    if Path.cwd().is_relative_to(folder):
+        raise ConfigError(f"trainer.results_folder {run_dir} holds an earlier run and contains "
+                          "the current directory, so it cannot be moved aside: choose another "
+                          "folder, or continue that run with --resume")
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    target, n = folder.with_name(f"{folder.name}.prev-{stamp}"), 1
+    while target.exists():
+        target, n = folder.with_name(f"{folder.name}.prev-{stamp}-{n}"), n + 1
+    folder.rename(target)
+    folder.mkdir()
+    return target
+
+
+def autocast_dtype(tc: TrainerConfig) -> torch.dtype | None:
+    """float16 for `fp16` whatever `amp` says (upstream's accelerate mixed_precision='fp16'),
+    bfloat16 for `amp` alone, None (fp32) for neither."""
+    if tc.fp16:
+        return torch.float16
+    return torch.bfloat16 if tc.amp else None
+
+
+def check_precision(tc: TrainerConfig, device: torch.device) -> None:
+    """Refuse float16 mixed precision off CUDA instead of silently training in another one."""
+    if tc.fp16 and device.type != "cuda":
+        raise ConfigError("trainer.fp16: true means float16 mixed precision (upstream's "
+                          "accelerate mixed_precision='fp16'), which needs a CUDA device; on "
+                          f"{device.type} set trainer.fp16: false (and trainer.amp: true for "
+                          "bfloat16 autocast)")
+
+
+def strip_prefix(state: dict, prefix: str) -> dict:
+    """The entries of `state` under `prefix`, with the prefix removed."""
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def is_upstream_checkpoint(ckpt: dict) -> bool:
+    """An upstream RadioDiff model-N.pt: this trainer's layout without `config` (and `rng`)."""
+    return "config" not in ckpt
+
+
+def optimizer_fits(opt: torch.optim.Optimizer, state: object) -> bool:
+    """Whether a saved optimizer state has `opt`'s param groups: sizes and tensor shapes."""
+    if not isinstance(state, dict) or not isinstance(state.get("param_groups"), list):
+        return False
+    saved = state["param_groups"]
+    if [len(g["params"]) for g in saved] != [len(g["params"]) for g in opt.param_groups]:
+        return False
+    params = dict(zip([i for g in saved for i in g["params"]],
+                      [p for g in opt.param_groups for p in g["params"]]))
+    return all(i in params and t.shape == params[i].shape
+               for i, entry in state.get("state", {}).items() for t in entry.values()
+               if isinstance(t, torch.Tensor) and t.dim() > 0)
+
+
 class Trainer:
     """Builds the model, loss, optimizers and data from a RunConfig and trains it."""
 
@@ -71,6 +140,7 @@ class Trainer:
         self.cfg = cfg
         self.env = distributed.setup(cfg.trainer.device)
         self.device = self.env.device
+        check_precision(cfg.trainer, self.device)
         self.run_dir = Path(cfg.trainer.results_folder)
         if self.device.type == "cuda":  # fixed input sizes: let cuDNN pick its fastest kernels
             torch.backends.cudnn.benchmark = True
@@ -79,6 +149,7 @@ class Trainer:
         self._build_optimizers()
         self._build_loaders(train_set, val_set)
         self.step = 0
+        self.fresh = True  # no checkpoint loaded: train() moves an earlier run aside
         self._saved_rng: list[dict] | None = None
         self._critic_synced = False
 
@@ -91,7 +162,8 @@ class Trainer:
         self.loss = LPIPSWithDiscriminator(self.cfg.model.lossconfig).to(self.device)
         if self.cfg.model.ckpt_path:
             self._init_from(self.cfg.model.ckpt_path)
-        self.ema = EMA(self.model, tc.ema_decay, tc.ema_update_every, tc.ema_update_after_step)
+        self.ema = EMA(self.model, tc.ema_decay, tc.ema_update_every, tc.ema_update_after_step,
+                       tc.ema_power, tc.ema_inv_gamma)
         torch.manual_seed(tc.seed + self.env.rank)
         self.noise = torch.Generator(self.device).manual_seed(tc.seed + self.env.rank)
         self.ae, self.critic = self._wrap(self.model), self._wrap(self.loss.discriminator)
@@ -103,9 +175,19 @@ class Trainer:
             ae_params.append(self.loss.logvar)
         self.opt_ae = torch.optim.AdamW(ae_params, lr=tc.lr)
         self.opt_disc = torch.optim.AdamW(self.loss.discriminator.parameters(), lr=tc.lr)
-        self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_multiplier(tc))
-        self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lr_multiplier(tc))
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.amp and tc.fp16)
+        self._schedules_at(0)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=tc.fp16)
+
+    def _schedules_at(self, step: int) -> None:
+        """Both lr schedules, from this config's `lr`, positioned at `step`."""
+        tc = self.cfg.trainer
+        for opt in (self.opt_ae, self.opt_disc):
+            for group in opt.param_groups:
+                group["initial_lr"] = tc.lr
+        self.sched_ae = torch.optim.lr_scheduler.LambdaLR(self.opt_ae, lr_multiplier(tc),
+                                                          last_epoch=step - 1)
+        self.sched_disc = torch.optim.lr_scheduler.LambdaLR(self.opt_disc, lr_multiplier(tc),
+                                                            last_epoch=step - 1)
 
     def _build_loaders(self, train_set: Dataset | None, val_set: Dataset | None) -> None:
         data, batch = self.cfg.data, self.cfg.batch_size
@@ -113,7 +195,9 @@ class Trainer:
         val_set = val_set if val_set is not None else build_dataset(data, "val")
         self.train_loader = build_loader(train_set, batch, shuffle=True, seed=data.seed,
                                          num_workers=data.num_workers, drop_last=True)
-        self.val_loader = build_loader(val_set, batch, shuffle=False, seed=data.seed,
+        self.val_loader = build_loader(validation_subset(val_set, self.cfg.trainer.val_size,
+                                                         data.seed),
+                                       batch, shuffle=False, seed=data.seed,
                                        num_workers=data.num_workers, drop_last=False)
 
     # ----- set-up -------------------------------------------------------------------------
@@ -124,18 +208,46 @@ class Trainer:
         return DDP(module, device_ids=ids)
 
     def _init_from(self, path: str) -> None:
-        """Start from the network weights (EMA if present) of `model.ckpt_path`."""
-        state = network_state_dict(read_checkpoint(path))
-        ignore = tuple(self.cfg.model.ignore_keys)
-        if ignore:  # upstream's ignore_keys: those keep their fresh initialisation
-            state = {k: v for k, v in state.items() if not k.startswith(ignore)}
+        """Start from the network weights (EMA if present) of `model.ckpt_path`, and from its
+        critic and logvar (raw `model` weights) when it holds them."""
+        ckpt = read_checkpoint(path)
+        ignore = tuple(self.cfg.model.ignore_keys)  # upstream's: those keep their fresh init
+        state = {k: v for k, v in network_state_dict(ckpt).items() if not k.startswith(ignore)}
+        if ignore:
             state = {**self.model.state_dict(), **state}
         load_into(self.model, state, path)
+        raw = network_state_dict(ckpt, use_ema=False)
+        self._load_critic({k: v for k, v in raw.items() if not k.startswith(ignore)}, path)
+
+    def _load_critic(self, raw: dict, source: str | Path) -> list[str]:
+        """Load `loss.discriminator.*` and `loss.logvar` from a checkpoint's raw `model`
+        weights when present (LPIPS stays as built); return the names of what was loaded."""
+        loaded = []
+        critic = strip_prefix(raw, CRITIC_PREFIX)
+        if critic:
+            load_into(self.loss.discriminator, critic, source)
+            loaded.append("critic")
+        logvar = raw.get(LOSS_PREFIX + "logvar")
+        if isinstance(logvar, torch.Tensor) and logvar.shape == self.loss.logvar.shape:
+            with torch.no_grad():
+                self.loss.logvar.copy_(logvar)
+            loaded.append("logvar")
+        return loaded
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        tc = self.cfg.trainer
-        dtype = torch.float16 if tc.fp16 else torch.bfloat16
-        return torch.autocast(self.device.type, dtype=dtype, enabled=tc.amp)
+        dtype = autocast_dtype(self.cfg.trainer)
+        return torch.autocast(self.device.type, dtype=dtype or torch.bfloat16,
+                              enabled=dtype is not None)
+
+    def say(self, message: str) -> None:
+        """Print one line, on rank 0 only."""
+        if self.env.is_main:
+            print(message, flush=True)
+
+    @property
+    def finished(self) -> bool:
+        """Whether `train_num_steps` is reached: a resumed finished run has nothing to do."""
+        return self.step >= self.cfg.trainer.train_num_steps
 
     # ----- checkpoints --------------------------------------------------------------------
     def state_dict(self, rng: list[dict]) -> dict:
@@ -148,26 +260,57 @@ class Trainer:
                 "lr_scheduler_disc": self.sched_disc.state_dict(),
                 "scaler": self.scaler.state_dict(), "rng": rng, "config": dump_config(self.cfg)}
 
-    def resume(self, path: str | Path) -> None:
-        """Restore a checkpoint written by `save`; RNG states are restored when training starts."""
+    def resume(self, path: str | Path) -> str | None:
+        """Restore a checkpoint written by `save` (RNG states are restored when training
+        starts); an upstream RadioDiff file is a warm start: return its note of what it restored."""
         ckpt = read_checkpoint(path, map_location=self.device)
-        load_into(self.model, ckpt["model"], path)
-        loss_state = {k[len(LOSS_PREFIX):]: v for k, v in ckpt["model"].items()
-                      if k.startswith(LOSS_PREFIX)}
+        self.fresh = False
         try:
-            self.loss.load_state_dict(loss_state, strict=True)
-            self.ema.load_state_dict(ckpt["ema"])
-            self.opt_ae.load_state_dict(ckpt["opt_ae"])
-            self.opt_disc.load_state_dict(ckpt["opt_disc"])
-            self.sched_ae.load_state_dict(ckpt["lr_scheduler_ae"])
-            self.sched_disc.load_state_dict(ckpt["lr_scheduler_disc"])
-            self.scaler.load_state_dict(ckpt["scaler"])
+            if is_upstream_checkpoint(ckpt):
+                return self._warm_start(ckpt, path)
+            self._restore(ckpt, path)
+        except CheckpointError:
+            raise
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"{path}: cannot resume from it (a different lossconfig or "
                                   f"not a trainer checkpoint?): {str(err).splitlines()[0]}"
                                   ) from None
+        return None
+
+    def _restore(self, ckpt: dict, path: str | Path) -> None:
+        """This trainer's full state, bit for bit."""
+        load_into(self.model, ckpt["model"], path)
+        self.loss.load_state_dict(strip_prefix(ckpt["model"], LOSS_PREFIX), strict=True)
+        self.ema.load_state_dict(ckpt["ema"])
+        self.opt_ae.load_state_dict(ckpt["opt_ae"])
+        self.opt_disc.load_state_dict(ckpt["opt_disc"])
+        self.sched_ae.load_state_dict(ckpt["lr_scheduler_ae"])
+        self.sched_disc.load_state_dict(ckpt["lr_scheduler_disc"])
+        self.scaler.load_state_dict(ckpt["scaler"])
         self.step = int(ckpt["step"])
         self._saved_rng = ckpt.get("rng")
+
+    def _warm_start(self, ckpt: dict, path: str | Path) -> str:
+        """An upstream file: weights (model, critic, logvar, EMA without its loss keys), step,
+        and the optimizer states whose param groups fit; lr schedules follow this config."""
+        raw = ckpt["model"]
+        load_into(self.model, raw, path)
+        ema_loss = EMA_PREFIX + LOSS_PREFIX
+        self.ema.load_state_dict({k: v for k, v in ckpt["ema"].items()
+                                  if not k.startswith(ema_loss)})
+        restored = ["autoencoder", "EMA", *self._load_critic(raw, path)]
+        self.step = int(ckpt["step"])
+        for name, opt in (("opt_ae", self.opt_ae), ("opt_disc", self.opt_disc)):
+            if optimizer_fits(opt, ckpt.get(name)):
+                opt.load_state_dict(ckpt[name])
+                restored.append(name)
+        self._schedules_at(self.step)
+        lost = [n for n in ("critic", "logvar") if n not in restored]
+        lost += [f"{n} (param groups differ)" for n in ("opt_ae", "opt_disc") if n not in restored]
+        lost += ["lr schedules (this config's, at that step)", "gradient scaler",
+                 "RNG states (fresh seeds)"]
+        return (f"{path} is an upstream RadioDiff checkpoint, so this is a warm start: restored "
+                f"{', '.join(restored)} and step {self.step}; not restored: {', '.join(lost)}")
 
     def _rng_state(self) -> dict[str, torch.Tensor]:
         state = {"torch": torch.get_rng_state(), "noise": self.noise.get_state()}
@@ -206,7 +349,7 @@ class Trainer:
         if self.env.enabled:
             self._check_replicas()
         sums, first = metric_sums(self.ema.ema_model, self.val_loader, self.device,
-                                  self.cfg.trainer.val_batches, self.autocast())
+                                  autocast=self.autocast())
         val = means_from_sums(distributed.all_reduce(sums, self.env))
         rng = distributed.all_gather_objects(self._rng_state(), self.env)
         path = None
@@ -315,13 +458,26 @@ class Trainer:
                   + " ".join(f"{k} {v}" for k, v in short.items()) + f" ({rate:.2f} it/s)",
                   flush=True)
 
-    def train(self) -> int | None:
-        """Train to `train_num_steps`; return the signal number if stopped by one (after saving)."""
-        tc = self.cfg.trainer
+    def _prepare_run_dir(self) -> None:
+        """Rank 0 moves an earlier run aside (a fresh run) and writes config.yaml; all wait."""
         if self.env.is_main:
+            moved = move_aside(self.run_dir) if self.fresh else None
+            if moved is not None:
+                self.say(f"note: {self.run_dir} held an earlier run: moved it to {moved}; this "
+                         "run starts in an empty folder (--resume continues a run instead)")
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(dump_config(self.cfg),
                                                                      sort_keys=False))
+        self.fresh = False
+        distributed.barrier(self.env)
+
+    def train(self) -> int | None:
+        """Train to `train_num_steps`; return the signal number if stopped by one (after saving).
+        A run already at `train_num_steps` returns at once and writes nothing."""
+        tc = self.cfg.trainer
+        if self.finished:
+            return None
+        self._prepare_run_dir()
         stream = BatchStream(self.train_loader, consumed=self.step * tc.gradient_accumulate_every)
         self._restore_rng()
         logger = RunLogger(self.run_dir, enabled=self.env.is_main, start_step=self.step)

@@ -34,7 +34,7 @@ def train_cmd(results: Path, *extra: str) -> list[str]:
     return [sys.executable, "-m", "train", "--cfg", "quickstart.yaml",
             "trainer.train_num_steps=2", "trainer.save_and_sample_every=1",
             f"trainer.results_folder={results}", "data.num_maps=16", "trainer.batch_size=2",
-            "trainer.val_batches=1", "trainer.num_samples=2", *extra]
+            "trainer.val_size=2", "trainer.num_samples=2", *extra]
 
 
 def child_env() -> dict[str, str]:

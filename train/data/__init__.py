@@ -5,18 +5,30 @@
 """
 from __future__ import annotations
 
+from torch.utils.data import Dataset, Subset
+
 from train.config import DataConfig
 
 from .base import RadioMapDataset
 from .loader import build_loader
 from .radiomapseer import DataError, RadioMapSeer
-from .splits import SPLITS, UPSTREAM_MAPS, split_map_ids
+from .splits import SPLITS, UPSTREAM_MAPS, spanning_subset, split_map_ids
 from .synthetic import SyntheticRadioMaps
 
 SYNTHETIC_MAPS = 64  # data.num_maps default for the synthetic source
 
-__all__ = ["build_dataset", "build_loader", "DataError", "RadioMapDataset", "RadioMapSeer",
+__all__ = ["build_dataset", "build_loader", "validation_subset", "DataError", "RadioMapDataset", "RadioMapSeer",
            "SyntheticRadioMaps"]
+
+
+def validation_subset(dataset: Dataset, size: int, seed: int = 42) -> Dataset:
+    """The fixed validation subset of a RadioMapDataset: `size` items spanning its maps (every
+    map once before any repeats); another dataset is cut to its first `size` items."""
+    if isinstance(dataset, RadioMapDataset):
+        indices = spanning_subset(dataset.map_ids, dataset.num_tx, size, seed)
+    else:
+        indices = list(range(min(size, len(dataset))))
+    return Subset(dataset, indices)
 
 
 def build_dataset(cfg: DataConfig, split: str) -> RadioMapDataset:
@@ -25,8 +37,9 @@ def build_dataset(cfg: DataConfig, split: str) -> RadioMapDataset:
         raise ValueError(f"split must be one of {list(SPLITS)}, got {split!r}")
     default_maps = SYNTHETIC_MAPS if cfg.name == "synthetic" else UPSTREAM_MAPS
     map_ids = split_map_ids(split, cfg.split, cfg.num_maps or default_maps, cfg.seed)
-    hflip = cfg.hflip and split == "train"
+    train = split == "train"  # augmentation and crops for training; whole maps to judge by
+    hflip, crop = cfg.hflip and train, cfg.crop_size if train else None
     if cfg.name == "synthetic":
-        return SyntheticRadioMaps(map_ids, cfg.num_tx, cfg.image_size, hflip, cfg.seed)
+        return SyntheticRadioMaps(map_ids, cfg.num_tx, cfg.image_size, hflip, cfg.seed, crop=crop)
     return RadioMapSeer(cfg.root, map_ids, cfg.num_tx, cfg.simulation, cfg.cars,
-                        cfg.image_size, hflip, cfg.seed)
+                        cfg.image_size, hflip, cfg.seed, crop=crop)

@@ -58,15 +58,18 @@ def sheet(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
+                                     allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="write synthetic maps in RadioMapSeer's folder layout")
+    p = sub.add_parser("synth", allow_abbrev=False,
+                       help="write synthetic maps in RadioMapSeer's folder layout")
     p.add_argument("--out", type=Path, required=True, help="dataset root to create")
     p.add_argument("--maps", type=int, required=True, help="cities, written as maps 1..N")
     p.add_argument("--tx", type=int, default=80, help="transmitters per city (default 80)")
     p.add_argument("--seed", type=int, default=42)
     p.set_defaults(run=synth)
-    p = sub.add_parser("sheet", help="draw synthetic maps beside their building layouts")
+    p = sub.add_parser("sheet", allow_abbrev=False,
+                       help="draw synthetic maps beside their building layouts")
     p.add_argument("--out", type=Path, required=True, help="PNG file to write")
     p.add_argument("--maps", type=int, default=8)
     p.add_argument("--seed", type=int, default=42)

@@ -35,7 +35,7 @@ class RadioMapSeer(RadioMapDataset):
 
     def __init__(self, root: str | Path, map_ids: list[int], num_tx: int = 80,
                  simulation: str = "DPM", cars: bool = False, image_size: Size = "native",
-                 hflip: bool = False, seed: int = 42):
+                 hflip: bool = False, seed: int = 42, crop: tuple[int, int] | None = None):
         if not root:
             raise DataError(f"data.root: the RadioMapSeer folder is required; {LAYOUT}")
         if simulation not in MAX_TX:
@@ -44,7 +44,7 @@ class RadioMapSeer(RadioMapDataset):
         if num_tx > MAX_TX[simulation]:
             raise ConfigError(f"data.num_tx={num_tx}: {simulation} has {MAX_TX[simulation]} "
                               f"transmitters per map; set data.num_tx <= {MAX_TX[simulation]}")
-        super().__init__(map_ids, num_tx, image_size, hflip, seed)
+        super().__init__(map_ids, num_tx, image_size, hflip, seed, crop)
         self.root = Path(root)
         self.dirs = {
             "image": self.root / "gain" / (f"cars{simulation}" if cars else simulation),

@@ -43,3 +43,17 @@ def split_map_ids(split: str, mode: str = "disjoint", num_maps: int = UPSTREAM_M
         raise ConfigError(f"data.num_maps={num_maps}: the {split!r} split would be empty; "
                           f"use at least 6 maps")
     return [int(i) + 1 for i in shuffled_order(num_maps, seed)[start:stop]]
+
+
+def spanning_subset(map_ids: list[int], num_tx: int, size: int, seed: int = 42) -> list[int]:
+    """`size` item indices (item i = transmitter i % num_tx of map i // num_tx) that visit
+    every map once, in a seeded order, before any map repeats; a repeat takes another of the
+    map's transmitters. The same (map_ids, num_tx, size, seed) always gives the same subset."""
+    rng = np.random.default_rng([seed, 7])  # 7: a stream of its own, not the split shuffle's
+    count = len(map_ids)
+    first_tx = rng.integers(0, num_tx, count)
+    picked: list[int] = []
+    for rnd in range(-(-min(size, count * num_tx) // count)):
+        for m in rng.permutation(count):
+            picked.append(int(m) * num_tx + int((first_tx[m] + rnd) % num_tx))
+    return picked[:size]

@@ -16,12 +16,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.io import write_png
+from model.io import GAIN_MAX_DB, GAIN_MIN_DB, write_png
 
 from .base import RadioMapDataset, Size
 
 NATIVE_SIZE = 256
-GAIN_MAX_DB, GAIN_MIN_DB = -47.0, -147.0  # RadioMapSeer's gray 255 and gray 0
 SPEED_OF_LIGHT = 299_792_458.0
 
 
@@ -205,8 +204,9 @@ class SyntheticRadioMaps(RadioMapDataset):
     whole split fits in `cache_bytes`, else regenerated on every access (same values)."""
 
     def __init__(self, map_ids: list[int], num_tx: int, image_size: Size = "native",
-                 hflip: bool = False, seed: int = 42, cache_bytes: int = 512 * 2 ** 20):
-        super().__init__(map_ids, num_tx, image_size, hflip, seed)
+                 hflip: bool = False, seed: int = 42, cache_bytes: int = 512 * 2 ** 20,
+                 crop: tuple[int, int] | None = None):
+        super().__init__(map_ids, num_tx, image_size, hflip, seed, crop)
         height, width = self.size or (NATIVE_SIZE, NATIVE_SIZE)
         self.cached = len(self) * 3 * height * width * 4 <= cache_bytes
         self._cities: dict[int, np.ndarray] = {}

@@ -1,0 +1,1 @@
+"""Bundled models: NAME.pt (network-only checkpoints) and NAME.md (their model cards)."""
