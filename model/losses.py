@@ -20,6 +20,10 @@ from .discriminator import NLayerDiscriminator, weights_init
 from .distributions import DiagonalGaussianDistribution
 from .lpips import LPIPS
 
+# LPIPS is frozen and rebuilt from its weight files (model/lpips.py) whenever the loss is built,
+# so the trainer's checkpoints leave it out: its ~56 MiB would dwarf a small autoencoder.
+FROZEN_PREFIX = "perceptual_loss."
+
 
 def adopt_weight(weight: float, global_step: int, threshold: int = 0, value: float = 0.0) -> float:
     """`weight` from `threshold` on, `value` before it."""
@@ -57,6 +61,21 @@ class LPIPSWithDiscriminator(nn.Module):
         self.discriminator = NLayerDiscriminator(cfg.disc_in_channels, n_layers=cfg.disc_num_layers,
                                                  use_actnorm=cfg.use_actnorm).apply(weights_init)
         self.d_loss_fn = hinge_d_loss if cfg.disc_loss == "hinge" else vanilla_d_loss
+
+    def trained_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict without the frozen LPIPS weights: critic, its BatchNorm stats, logvar."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(FROZEN_PREFIX)}
+
+    def load_trained_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """A strict load, except that the frozen LPIPS keys may be absent (or present)."""
+        expected = self.state_dict().keys()
+        missing = [k for k in expected if k not in state and not k.startswith(FROZEN_PREFIX)]
+        unexpected = [k for k in state if k not in expected]
+        if missing or unexpected:
+            raise RuntimeError(f"loss weights do not match this lossconfig: {len(missing)} "
+                               f"missing {missing[:3]}, {len(unexpected)} unexpected "
+                               f"{unexpected[:3]}")
+        self.load_state_dict(state, strict=False)
 
     def disc_factor(self, global_step: int) -> float:
         """0 in phase 1 (before disc_start), lossconfig.disc_factor in phase 2."""

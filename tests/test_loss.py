@@ -177,3 +177,25 @@ def test_every_logged_term_lives_on_the_inputs_device(step):
     _, d_log = loss.discriminator_loss(x, recon, step)
     assert {name: v.device.type for name, v in {**log, **d_log}.items()} == \
         {name: "meta" for name in {**log, **d_log}}
+
+
+def test_loss_state_without_frozen_lpips_loads_and_other_mismatches_are_refused():
+    cfg = LossConfig(perceptual_weight=1.0, allow_random_lpips=True)
+    torch.manual_seed(0)
+    loss = LPIPSWithDiscriminator(cfg)
+    lean = loss.trained_state_dict()
+    assert lean.keys() == {k for k in loss.state_dict() if not k.startswith("perceptual_loss.")}
+    assert {"logvar", "discriminator.main.0.weight"} <= lean.keys()
+    full = {k: v + 1 if v.is_floating_point() else v for k, v in loss.state_dict().items()}
+    other = LPIPSWithDiscriminator(cfg)
+    other.load_trained_state_dict(full)  # a file that carries LPIPS (older or upstream) loads
+    assert torch.equal(other.state_dict()["perceptual_loss.lin0.model.1.weight"],
+                       full["perceptual_loss.lin0.model.1.weight"])
+    other.load_trained_state_dict(lean)
+    assert all(torch.equal(other.state_dict()[k], v) for k, v in lean.items())
+    no_logvar = {k: v for k, v in lean.items() if k != "logvar"}
+    for bad in (no_logvar, {**lean, "extra": lean["logvar"]}):
+        with pytest.raises(RuntimeError, match="do not match this lossconfig"):
+            other.load_trained_state_dict(bad)
+    with pytest.raises(RuntimeError, match="unexpected"):  # LPIPS keys where none is built
+        LPIPSWithDiscriminator(LossConfig(perceptual_weight=0.0)).load_trained_state_dict(full)

@@ -13,7 +13,8 @@ import pytest
 import torch
 import yaml
 
-from model.checkpoint import latest_checkpoint, load_autoencoder, read_checkpoint
+from model.checkpoint import (CheckpointError, latest_checkpoint, load_autoencoder,
+                              read_checkpoint)
 from model.config import ConfigError
 from train.__main__ import main
 from train.config import TrainerConfig, load_config
@@ -111,8 +112,9 @@ def test_phase1_leaves_the_critic_alone_and_phase2_trains_both(tmp_path, data):
         assert logged[s]["train/disc_factor"] == 1 and logged[s]["train/d_weight"] > 0
         assert {"train/g_loss", "train/disc_loss", "train/logits_real",
                 "train/logits_fake"} <= logged[s].keys()
-    # upstream layout: LPIPS, critic and logvar under loss.; EMA under ema_model.
-    assert "loss.perceptual_loss.lin0.model.1.weight" in second["model"]
+    # upstream layout: critic and logvar under loss. (LPIPS, frozen, is left out); EMA under
+    # ema_model.
+    assert "loss.perceptual_loss.lin0.model.1.weight" not in second["model"]
     assert "loss.logvar" in second["model"]
     assert "ema_model.decoder.conv_out.weight" in second["ema"]
     assert second["config"]["model"]["lossconfig"]["disc_start"] == 2
@@ -151,9 +153,11 @@ def test_gradient_checkpointing_trains_the_same_first_step(tmp_path, data):
     assert (ga - gb).norm() < 1e-4 * ga.norm()
 
 
-def test_resume_after_a_kill_gives_the_same_next_losses(tmp_path, data):
+def killed_and_resumed(tmp_path: Path, data, **lossconfig) -> tuple[Path, Path]:
+    """A 6-step run, and one killed after step 4 then resumed from model-1.pt (step 3); asserts
+    that the resumed steps' losses are bit-for-bit those of the uninterrupted run."""
     raw = tiny_run(tmp_path / "full", train_num_steps=6, save_and_sample_every=3)
-    raw["model"]["lossconfig"]["disc_start"] = 2  # resume inside phase 2: critic state matters
+    raw["model"]["lossconfig"].update(disc_start=2, **lossconfig)  # resume inside phase 2
     run(raw, data)
     full = tmp_path / "full" / "run"
     # A run killed after step 4 leaves model-1.pt (step 3) and log lines up to step 4.
@@ -169,6 +173,11 @@ def test_resume_after_a_kill_gives_the_same_next_losses(tmp_path, data):
     assert sorted(b) == list(range(6))  # every step logged once
     for s in (3, 4, 5):
         assert a[s] == {**b[s], "it_per_s": a[s]["it_per_s"]}  # bit-for-bit losses
+    return full, killed
+
+
+def test_resume_after_a_kill_gives_the_same_next_losses(tmp_path, data):
+    full, killed = killed_and_resumed(tmp_path, data)
     # the val/ record of the checkpoint resumed from (step 3) is kept, once
     assert [r for r in read_metrics(killed) if "val/psnr" in r] == [
         r for r in read_metrics(full) if "val/psnr" in r]
@@ -179,6 +188,30 @@ def test_resume_after_a_kill_gives_the_same_next_losses(tmp_path, data):
         assert [e.step for e in events.Scalars("val/psnr")] == [3, 6]
     end_a, end_b = read_checkpoint(full / "model-2.pt"), read_checkpoint(killed / "model-2.pt")
     assert _same(end_a["model"], end_b["model"]) and _same(end_a["ema"], end_b["ema"])
+
+
+def tensor_bytes(obj: object) -> int:
+    """The bytes of every tensor in a nested dict / list."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(map(tensor_bytes, obj.values()))
+    return sum(map(tensor_bytes, obj)) if isinstance(obj, (list, tuple)) else 0
+
+
+def test_checkpoints_leave_lpips_out_and_still_resume_bit_for_bit(tmp_path, data):
+    full, _ = killed_and_resumed(tmp_path, data, perceptual_weight=1.0, allow_random_lpips=True)
+    path = full / "model-2.pt"
+    ckpt = read_checkpoint(path)
+    assert not [k for k in ckpt["model"] if k.startswith("loss.perceptual_loss.")]
+    assert {"loss.logvar", "loss.discriminator.main.0.weight"} <= ckpt["model"].keys()
+    # weights (autoencoder, critic, EMA) + both AdamW states, plus pickle overhead only
+    kept = sum(tensor_bytes(ckpt[k]) for k in ("model", "ema", "opt_ae", "opt_disc"))
+    assert kept <= path.stat().st_size <= kept + 2 ** 20
+    del ckpt["model"]["loss.logvar"]  # any other missing loss key is still refused
+    torch.save(ckpt, tmp_path / "no-logvar.pt")
+    with pytest.raises(CheckpointError, match="cannot resume.*1 missing"):
+        Trainer(load_config(ckpt["config"]), *data).resume(tmp_path / "no-logvar.pt")
 
 
 class NaNAfter(torch.utils.data.Dataset):

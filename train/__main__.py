@@ -132,10 +132,32 @@ def latent_stats_command(argv: list[str]) -> int:
     return command(argv, (*USER_ERRORS, DataError))
 
 
+def pack_command(argv: list[str]) -> int:
+    """`pack`: see train/pack.py."""
+    from train.pack import command
+    try:
+        return command(argv)
+    except USER_ERRORS as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
+def figures_command(argv: list[str]) -> int:
+    """`figures`: see train/figures.py."""
+    from train.data import DataError
+    from train.figures import command
+    try:
+        return command(argv)
+    except (*USER_ERRORS, DataError, KeyError, json.JSONDecodeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"report": report_command, "eval": eval_command,
-                "latent-stats": latent_stats_command}
+                "latent-stats": latent_stats_command, "figures": figures_command,
+                "pack": pack_command}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])
     return train_command(argv)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import yaml
 
+from model.metrics import METRIC_NAMES
 from train.logging import METRICS_FILE, read_metrics
 
 SAMPLES_SHOWN = 4  # the latest sample grids; older ones stay in RUN_DIR
 _SAMPLE = re.compile(r"sample-(\d+)\.png$")
-_VAL_COLUMNS = ("psnr", "ssim", "nmse", "rmse")
 
 
 def _series(records: list[dict], name: str) -> tuple[list[int], list[float]]:
@@ -66,12 +66,17 @@ def _validation_table(records: list[dict]) -> str:
     rows = [r for r in records if "val/psnr" in r]
     if not rows:
         return "<p>No validation yet (it runs at each checkpoint).</p>"
-    head = "".join(f"<th>{c.upper()}</th>" for c in _VAL_COLUMNS)
+    head = "".join(f"<th>{c}</th>" for c in METRIC_NAMES)
     body = "".join(
         f"<tr><td>{r['step']}</td>"
-        + "".join(f"<td>{r.get('val/' + c, float('nan')):.5g}</td>" for c in _VAL_COLUMNS)
+        + "".join(f"<td>{_cell(r.get('val/' + c, 'nan'))}</td>" for c in METRIC_NAMES)
         + "</tr>" for r in rows)
     return f"<table><tr><th>step</th>{head}</tr>{body}</table>"
+
+
+def _cell(value: float | str) -> str:
+    """A table value; the log writes NaN / Inf as strings."""
+    return f"{value:.5g}" if isinstance(value, (int, float)) else html.escape(str(value))
 
 
 def _samples(run_dir: Path) -> str:

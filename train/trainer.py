@@ -251,9 +251,10 @@ class Trainer:
 
     # ----- checkpoints --------------------------------------------------------------------
     def state_dict(self, rng: list[dict]) -> dict:
-        """Everything a bit-for-bit resume needs, in upstream's key layout plus `config`."""
+        """Everything a bit-for-bit resume needs, in upstream's key layout plus `config`; the
+        frozen LPIPS weights (`loss.perceptual_loss.*`) are rebuilt from their files instead."""
         model = self.model.state_dict()
-        model.update({LOSS_PREFIX + k: v for k, v in self.loss.state_dict().items()})
+        model.update({LOSS_PREFIX + k: v for k, v in self.loss.trained_state_dict().items()})
         return {"step": self.step, "model": model, "ema": self.ema.state_dict(),
                 "opt_ae": self.opt_ae.state_dict(), "lr_scheduler_ae": self.sched_ae.state_dict(),
                 "opt_disc": self.opt_disc.state_dict(),
@@ -280,7 +281,7 @@ class Trainer:
     def _restore(self, ckpt: dict, path: str | Path) -> None:
         """This trainer's full state, bit for bit."""
         load_into(self.model, ckpt["model"], path)
-        self.loss.load_state_dict(strip_prefix(ckpt["model"], LOSS_PREFIX), strict=True)
+        self.loss.load_trained_state_dict(strip_prefix(ckpt["model"], LOSS_PREFIX))
         self.ema.load_state_dict(ckpt["ema"])
         self.opt_ae.load_state_dict(ckpt["opt_ae"])
         self.opt_disc.load_state_dict(ckpt["opt_disc"])
