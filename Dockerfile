@@ -27,6 +27,7 @@ RUN /opt/venv/bin/pip install --no-cache-dir "torch==${TORCH_VERSION}"
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model/ model/
+COPY runtime/ runtime/
 COPY train/ train/
 COPY export/ export/
 COPY server/ server/

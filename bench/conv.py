@@ -1,4 +1,4 @@
-"""`python -m bench.conv`: one 3x3 convolution, NNPACK's Winograd kernel (model/fast_layers.py's
+"""`python -m bench.conv`: one 3x3 convolution, NNPACK's Winograd kernel (runtime/fast_layers.py's
 WinogradConv2d) against torch's default CPU convolution (oneDNN), per layer shape, batch 1,
 fp32 inference: the measurement behind WinogradConv2d's size threshold (MIN_WINOGRAD_PIXELS).
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from model.fast_layers import winograd_available
+from runtime.fast_layers import winograd_available
 
 from .common import MEASUREMENTS, machine, markdown_table, median_time, write_json
 

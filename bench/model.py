@@ -1,11 +1,11 @@
 """`python -m bench.model`: encode / decode / reconstruct speed and accuracy of every inference
-path (plain fp32 baseline, model/inference.py fast paths, onnxruntime, the diffusers peer) on
+path (plain fp32 baseline, runtime/inference.py fast paths, onnxruntime, the diffusers peer) on
 the same weights, side by side in one run.
 
 Per (op, batch): every path is warmed up, then the timed repeats go round-robin over the paths
 (repeat r runs each path once), so a change in machine load hits all paths alike; `speedup`
 is the median over rounds of baseline time / path time. When a path
-reuses memory, each call runs under its path's malloc setting (model.malloc.malloc_reuse: on
+reuses memory, each call runs under its path's malloc setting (runtime.malloc.malloc_reuse: on
 for paths with reuse_memory; glibc's steady-state thresholds, 32 MiB mmap / 64 MiB trim, for
 the others), though the setting is process-wide; otherwise glibc is left untouched. Accuracy is
 each path's output against the baseline's on synthetic radio maps: PSNR (maps in [0, 1];
@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from model.io import from_model
-from model.malloc import malloc_reuse
 from model.metrics import psnr
+from runtime.malloc import malloc_reuse
 
 from .common import (MEASUREMENTS, build_model, cpu_peak, gpu_peak, machine, markdown_table,
                      measured_gemm_rate, model_flops, parse_ints, synchronize, synthetic_maps,

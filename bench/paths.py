@@ -16,7 +16,7 @@ from typing import Callable
 import torch
 
 from model.autoencoder import AutoencoderKL
-from model.inference import InferenceOptions, prepare_for_inference
+from runtime.inference import InferenceOptions, prepare_for_inference
 
 from .common import cpu_peak
 
@@ -58,7 +58,7 @@ def plain(model: AutoencoderKL, device: torch.device) -> Runner:
 
 def fast(name: str, model: AutoencoderKL, device: torch.device,
          options: dict[str, object] | None) -> Runner:
-    """A model/inference.py path with exactly `options` (the others off), or with the
+    """A runtime/inference.py path with exactly `options` (the others off), or with the
     device's defaults (`options` None: what `prepare_for_inference(model, device)` gives)."""
     off = {f: False for f in InferenceOptions.__dataclass_fields__ if f != "precision"}
     overrides = {} if options is None else {**off, "precision": "fp32", **options}

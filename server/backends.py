@@ -14,7 +14,7 @@ import torch
 
 from model.checkpoint import load_autoencoder
 from model.config import ModelConfig, from_dict
-from model.inference import prepare_for_inference
+from runtime.inference import prepare_for_inference
 
 from .logs import LOGGER
 from .spec import ModelSpec
@@ -34,7 +34,7 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The checkpoint's AutoencoderKL through model.inference: inference_mode, and the fast path
+    """The checkpoint's AutoencoderKL through runtime.inference: inference_mode, and the fast path
     measured for the device (fp16 + channels_last on CUDA, Winograd convolutions on CPU), or
     the precision asked for ('auto': the device's default)."""
 

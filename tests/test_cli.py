@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SOURCES = ("train", "model", "export", "server", "bench", "deploy", "scripts")
+SOURCES = ("train", "model", "runtime", "export", "server", "bench", "deploy", "scripts")
 
 
 def parsers_allowing_abbreviations() -> list[str]:

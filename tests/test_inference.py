@@ -8,11 +8,11 @@ import torch.nn.functional as F
 
 from model.autoencoder import AutoencoderKL
 from model.blocks import AttnBlock
-from model.fast_layers import (MIN_WINOGRAD_CHANNELS, MIN_WINOGRAD_PIXELS, FusedAttention,
-                               PointwiseConv2d, WinogradConv2d, use_fused_attention,
-                               use_matmul_1x1, use_winograd, winograd_available)
-from model.inference import InferenceOptions, default_options, prepare_for_inference
-from model.malloc import glibc
+from runtime.fast_layers import (MIN_WINOGRAD_CHANNELS, MIN_WINOGRAD_PIXELS, FusedAttention,
+                                 PointwiseConv2d, WinogradConv2d, use_fused_attention,
+                                 use_matmul_1x1, use_winograd, winograd_available)
+from runtime.inference import InferenceOptions, default_options, prepare_for_inference
+from runtime.malloc import glibc
 from tests.conftest import tiny_model_config
 
 needs_nnpack = pytest.mark.skipif(not winograd_available(), reason="torch built without NNPACK")

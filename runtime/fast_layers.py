@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .blocks import AttnBlock
+from model.blocks import AttnBlock
 
 # Where NNPACK's Winograd kernel beats oneDNN's direct convolution on a 2-core AVX2 CPU
 # (`python -m bench.conv`, bench/RESULTS.md): 128+ channels on both sides and maps of 40x40 or

@@ -10,14 +10,14 @@ Paths (each an `InferenceOptions` field):
 - `fused_attention`: the mid-block attention computes q, k, v as one matmul each in a
   [N, HW, C] layout, which scaled_dot_product_attention runs with its fused (flash) kernel;
   the network's own [N, 1, HW, C]-transposed views send it to the unfused math kernel.
-  The layers are in model/fast_layers.py.
+  The layers are in runtime/fast_layers.py.
 - `channels_last`: NHWC activations and weights (oneDNN / cuDNN favour them).
 - `precision`: `bf16` / `fp16` autocast. A CPU without AVX-512 BF16 emulates bf16 and is
   far slower than fp32, so no CPU default uses it. On a GPU bf16's 8-bit mantissa costs too
   much accuracy (~42 dB against fp32) and fp16 does not (~60 dB); but fp16 overflows past
   65504, so an fp16 output holding inf or NaN is recomputed in fp32 (with a warning).
 - `reuse_memory` (CPU, glibc): malloc keeps freed blocks for reuse instead of unmapping them
-  (model/malloc.py). Process-wide; the process then keeps up to 1 GiB of freed memory.
+  (runtime/malloc.py). Process-wide; the process then keeps up to 1 GiB of freed memory.
 - `compile` / `cuda_graphs`: torch.compile of the encoder and decoder (CUDA graphs through
   mode="reduce-overhead"); compiling takes tens of seconds, so they are opt-in.
 """
@@ -30,8 +30,9 @@ from typing import Callable, Literal
 
 import torch
 
-from .autoencoder import AutoencoderKL
-from .distributions import DiagonalGaussianDistribution
+from model.autoencoder import AutoencoderKL
+from model.distributions import DiagonalGaussianDistribution
+
 from .fast_layers import use_fused_attention, use_matmul_1x1, use_winograd, winograd_available
 from .malloc import glibc, malloc_reuse
 
