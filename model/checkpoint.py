@@ -10,7 +10,6 @@ floats, lists and strings). Upstream RadioDiff `model-N.pt` files have the same 
 from __future__ import annotations
 
 import os
-import pickle
 import re
 import tempfile
 from pathlib import Path
@@ -21,10 +20,14 @@ import yaml
 
 from .autoencoder import AutoencoderKL
 from .config import ConfigError, ModelConfig, from_dict, resolve_config_path
+from .pickle_scan import disallowed_globals
 
 EMA_PREFIX = "ema_model."
 LATENT_STATS_KEY = "latent_stats"  # written by `python -m train latent-stats`
 _MILESTONE = re.compile(r"model-(\d+)\.pt$")
+# the parts of torch.load's errors that advise loading with weights_only=False, or allowlisting
+_TORCH_ADVICE = re.compile(r"weights.only|safe_globals|Weights only load failed|file an issue|"
+                           r"Check the documentation", re.IGNORECASE)
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"  # bundled models, by name
 
 
@@ -90,23 +93,30 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many types on torn or foreign bytes
-        raise CheckpointError(f"{path}: {_load_failure(err)}") from None
+        raise CheckpointError(f"{path}: {_load_failure(path, err)}") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(obj).__name__}")
     return obj
 
 
-def _load_failure(err: Exception) -> str:
-    """Tell a file that holds code or foreign objects apart from one that is just not a checkpoint."""
-    text = str(err)
-    unsafe = re.search(r"Unsupported global: [^\n]*", text)
-    if isinstance(err, pickle.UnpicklingError) and unsafe:
-        return (f"refused: the file holds objects other than tensors and plain containers "
-                f"(weights_only load): {unsafe.group(0).strip()}")
-    detail = re.search(r"WeightsUnpickler error: \s*([^\n]+)", text)
-    first = detail.group(1) if detail else (text.strip().splitlines() or [""])[0]
+def _load_failure(path: Path, err: Exception) -> str:
+    """A file that references code or foreign classes is refused, naming them; any other is not a
+    checkpoint. Never torch's advice to retry without weights_only: that would run the code."""
+    unsafe = disallowed_globals(path)
+    if unsafe:
+        return (f"refused: the file references code or classes a weights-only load does not "
+                f"allow (nothing was run): {_summarise(unsafe, 3)}")
     return (f"not a readable torch checkpoint (truncated, or not written by torch.save): "
-            f"{type(err).__name__} {first}".rstrip())
+            f"{type(err).__name__} {_torch_detail(err)}").rstrip()
+
+
+def _torch_detail(err: Exception) -> str:
+    """The line of a torch error that says what is wrong, without its advice on weights_only."""
+    for line in str(err).splitlines():
+        line = line.split("WeightsUnpickler error:", 1)[-1].strip()
+        if line and not _TORCH_ADVICE.search(line):
+            return line
+    return ""
 
 
 def latent_stats(ckpt: dict) -> dict | None:

@@ -19,6 +19,7 @@ MEAN, STD = 0.5, 0.5
 DEFAULT_MAX_PIXELS = 4096 * 4096
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 RANGE_TOLERANCE = 1e-3  # resampling may overshoot [0, 1] by a hair
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 GAIN_MAX_DB, GAIN_MIN_DB = -47.0, -147.0  # RadioMapSeer's path gain at gray 1 (255) and gray 0
 
 
@@ -48,9 +49,18 @@ def decode_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise
     except Image.DecompressionBombError as err:  # PIL's own cap, above any sane max_pixels
         raise RadioMapTooLarge(f"PNG is too large: {err}") from None
+    except Image.UnidentifiedImageError:  # its message holds the BytesIO's repr
+        raise RadioMapError(f"not a decodable PNG: {_png_problem(data)}") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise RadioMapError(f"not a decodable PNG: {err}") from None
     return _gray_to_unit(arr, mode)
+
+
+def _png_problem(data: bytes) -> str:
+    if not data.startswith(PNG_SIGNATURE):
+        return (f"expected PNG bytes (they start with {PNG_SIGNATURE!r}); got "
+                f"{data[:8]!r}" + ("..." if len(data) > 8 else ""))
+    return "the PNG signature is followed by no valid IHDR header chunk"
 
 
 def _gray_to_unit(arr: np.ndarray, mode: str) -> np.ndarray:
@@ -124,12 +134,17 @@ def _check_npy_header(buf: io.BytesIO, size: int) -> None:
     # np.load allocates what the header claims before reading the data: a 100-byte payload
     # claiming terabytes would exhaust memory, so the claim must match the bytes present.
     version = np.lib.format.read_magic(buf)
-    if version == (1, 0):
-        shape, _, dtype = np.lib.format.read_array_header_1_0(buf)
-    elif version == (2, 0):
-        shape, _, dtype = np.lib.format.read_array_header_2_0(buf)
-    else:
+    readers = {(1, 0): np.lib.format.read_array_header_1_0,
+               (2, 0): np.lib.format.read_array_header_2_0}
+    if version not in readers:
         raise ValueError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    try:
+        shape, _, dtype = readers[version](buf)
+    except ValueError as err:  # ast.literal_eval names what it refuses by its repr
+        if " at 0x" not in str(err):
+            raise
+        raise ValueError("the header is not a dict of literals {'descr': ..., 'fortran_order': "
+                         "..., 'shape': (...)}") from None
     if dtype.hasobject:
         raise ValueError("object arrays are refused (they need pickle)")
     claimed = math.prod(shape) * dtype.itemsize

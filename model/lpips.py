@@ -14,6 +14,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checkpoint import read_checkpoint
+
 VGG16_FILE = "vgg16-397923af.pth"
 VGG16_URL = f"https://download.pytorch.org/models/{VGG16_FILE}"
 CHANNELS = (64, 128, 256, 512, 512)
@@ -151,12 +153,12 @@ class LPIPS(nn.Module):
 
     def load_vgg16(self, path: str | Path) -> None:
         """Load torchvision's vgg16 state dict (all 13 convs, strictly)."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)  # weights-only; a bad file is a CheckpointError
         self.net.load_state_dict(torchvision_to_slices(state), strict=True)
 
     def load_linear_heads(self, path: str | Path) -> None:
         """Load the lpips package's `lin0..lin4.model.1.weight` file; every head key must match."""
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = read_checkpoint(path)  # weights-only; a bad file is a CheckpointError
         missing, unexpected = self.load_state_dict(state, strict=False)
         missing = [k for k in missing if k.startswith("lin")]
         if missing or unexpected:

@@ -1,10 +1,12 @@
 """`python -m server --model DIR_OR_CKPT ...`: serve the VAE over HTTP (see docs/server.md)."""
 from __future__ import annotations
 
+import errno
 import multiprocessing as mp
 import os
 import shutil
 import signal
+import socket
 import sys
 import tempfile
 import threading
@@ -67,7 +69,23 @@ def _prepare(settings: Settings):
         if not api_key:
             raise ValueError(f"--api-key-env {settings.api_key_env}: that environment variable "
                              "is unset or empty")
+    _check_port(settings.host, settings.port)
     return spec, limits, api_key
+
+
+def _check_port(host: str, port: int) -> None:
+    """Bind host:port as uvicorn will, before any process starts: a taken port is an error that
+    names it (uvicorn's own is '[Errno 98] Address already in use', no port, and exit 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, port))
+        except OSError as err:
+            if err.errno == errno.EADDRINUSE:
+                raise RuntimeError(f"port {port} on {host} is already in use ({err.strerror}): "
+                                   "stop what holds it, or choose another --port") from None
+            raise RuntimeError(f"cannot listen on port {port} on {host} ({err.strerror})") from None
 
 
 def _metrics_dir() -> tuple[Path, bool]:

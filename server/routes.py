@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -31,6 +32,7 @@ from .spec import Limits, ModelSpec
 
 logger = logging.getLogger(LOGGER)
 ENDPOINTS = ("/encode", "/decode", "/reconstruct", "/health", "/info", "/metrics")
+_OBJECT_REPR = re.compile(r"<([\w.]+)[^<>]* at 0x[0-9a-fA-F]+>")
 
 
 @dataclass(frozen=True)
@@ -48,10 +50,13 @@ class ErrorBody(BaseModel):
 
 
 def error_response(status: int, detail: str) -> JSONResponse:
+    """The one JSON shape of every error; a Python object's repr that a library put in its
+    message (PIL: `<_io.BytesIO object at 0x7f...>`) is named by its type, never its address."""
     try:
         phrase = HTTPStatus(status).phrase
     except ValueError:
         phrase = "Error"
+    detail = _OBJECT_REPR.sub(lambda m: f"a {m.group(1).rsplit('.', 1)[-1]} object", detail)
     return JSONResponse({"status": status, "error": phrase, "detail": detail}, status_code=status)
 
 
@@ -74,11 +79,13 @@ def install_error_handlers(app: FastAPI) -> None:
 
 
 def authorize(request: Request, api_key: Optional[str]) -> None:
+    """With a key configured: a non-empty X-API-Key must be the key; without one (an empty
+    header counts as none), the Authorization Bearer token must be."""
     if api_key is None:
         return
-    given = request.headers.get("x-api-key")
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if given is None and scheme.lower() == "bearer":
+    given = request.headers.get("x-api-key", "").strip()
+    scheme, _, token = request.headers.get("authorization", "").strip().partition(" ")
+    if not given and scheme.lower() == "bearer":
         given = token.strip()
     if not given:
         raise RequestError(401, "missing API key: send it as 'X-API-Key: <key>' or "

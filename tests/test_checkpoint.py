@@ -1,9 +1,13 @@
+import os
+import pickle
+import subprocess
+
 import pytest
 import torch
 
 from model.autoencoder import AutoencoderKL
 from model.checkpoint import (CheckpointError, latest_checkpoint, load_autoencoder,
-                              save_checkpoint)
+                              read_checkpoint, save_checkpoint)
 from model.config import to_dict
 from tests.conftest import tiny_model_config
 
@@ -96,9 +100,90 @@ class _Exploit:
 def test_pickled_callable_is_refused_without_running(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"model": _Exploit()}, path)
-    with pytest.raises(CheckpointError, match="refused.*Unsupported global.*print"):
+    with pytest.raises(CheckpointError, match=r"refused.*builtins\.print"):
         load_autoencoder(path, config=tiny_model_config())
     assert "pwned" not in capsys.readouterr().out
+
+
+class _Calls:
+    """Unpickled without weights_only, this calls `func(*args)`: a checkpoint carrying code."""
+
+    def __init__(self, func, *args):
+        self.func, self.args = func, args
+
+    def __reduce__(self):
+        return (self.func, self.args)
+
+
+def _payloads(marker) -> dict[str, _Calls]:
+    """What each payload would run, by the global a refusal must name; each creates `marker`."""
+    touch = f"touch {marker}"
+    return {"posix.system": _Calls(os.system, touch), "os.popen": _Calls(os.popen, touch),
+            "builtins.eval": _Calls(eval, f"open({str(marker)!r}, 'w')"),
+            "builtins.exec": _Calls(exec, f"open({str(marker)!r}, 'w')"),
+            "subprocess.Popen": _Calls(subprocess.Popen, ["touch", str(marker)])}
+
+
+WRITERS = {
+    "torch.save": lambda obj, path: torch.save(obj, path),
+    "torch.save legacy": lambda obj, path: torch.save(obj, path,
+                                                      _use_new_zipfile_serialization=False),
+    "pickle.dump": lambda obj, path: path.write_bytes(pickle.dumps(obj)),
+    "pickle protocol 0": lambda obj, path: path.write_bytes(pickle.dumps(obj, protocol=0)),
+}
+TORCH_ADVICE = ("weights_only=False", "`weights_only` set to `False`", "add_safe_globals")
+
+
+def _evil_file(tmp_path, writer: str, global_name: str):
+    marker = tmp_path / "code-ran"
+    path = tmp_path / f"model-{len(list(tmp_path.glob('model-*.pt')))}.pt"
+    WRITERS[writer]({"model": _model().state_dict(), "step": 1,
+                     "extra": _payloads(marker)[global_name]}, path)
+    return path, marker
+
+
+@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("global_name", _payloads("x"))
+def test_a_file_carrying_code_is_refused_naming_the_global(tmp_path, writer, global_name):
+    path, marker = _evil_file(tmp_path, writer, global_name)
+    with pytest.raises(CheckpointError) as err:
+        read_checkpoint(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: refused: ") and message.endswith(global_name), message
+    assert not any(advice in message for advice in TORCH_ADVICE), message
+    assert not marker.exists()
+
+
+def test_every_loader_names_the_global_and_never_advises_weights_only_false(tmp_path, capsys):
+    from export.__main__ import main as export_main
+    from server.settings import Settings
+    from server.spec import ModelSourceError, describe_model
+    from train.__main__ import main as train_main
+
+    for writer, global_name in (("torch.save", "posix.system"), ("pickle.dump", "builtins.eval"),
+                                ("torch.save", "subprocess.Popen")):
+        path, marker = _evil_file(tmp_path, writer, global_name)
+        assert train_main(["eval", "--ckpt", str(path)]) == 2
+        assert export_main(["--ckpt", str(path), "--out", str(tmp_path / "out")]) == 2
+        with pytest.raises(ModelSourceError) as err:
+            describe_model(Settings(model=str(path)))
+        outputs = [*capsys.readouterr().err.splitlines(), str(err.value)]
+        assert len(outputs) == 3, outputs
+        for text in outputs:
+            assert "refused" in text and global_name in text and str(path) in text, text
+            assert not any(advice in text for advice in TORCH_ADVICE), text
+        assert not marker.exists() and not (tmp_path / "out").exists()
+
+
+def test_an_unreadable_file_never_gets_torchs_advice(tmp_path):
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps({"model": {"w": [1.0]}}))  # no globals, but no torch.save file
+    torn = _own_file(tmp_path, _model())
+    torn.write_bytes(torn.read_bytes()[:40_000])
+    for path in (raw, torn):
+        with pytest.raises(CheckpointError, match="not a readable torch checkpoint") as err:
+            read_checkpoint(path)
+        assert not any(advice in str(err.value) for advice in TORCH_ADVICE), err.value
 
 
 def test_wrong_config_names_the_mismatch(tmp_path):

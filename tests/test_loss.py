@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from model.autoencoder import AutoencoderKL
+from model.checkpoint import CheckpointError
 from model.config import LossConfig
 from model.discriminator import NLayerDiscriminator
 from model.losses import LPIPSWithDiscriminator, adaptive_weight, hinge_d_loss, vanilla_d_loss
@@ -47,6 +48,22 @@ def test_torchvision_vgg16_file_layout_loads(tmp_path):
     model.load_vgg16(tmp_path / "vgg16.pth")
     assert torch.equal(model.state_dict()["net.slice4.19.weight"], state["features.19.weight"])
     assert torch.equal(model.state_dict()["net.slice1.0.bias"], state["features.0.bias"])
+
+
+def test_an_lpips_file_carrying_code_is_refused_like_a_checkpoint(tmp_path):
+    path = tmp_path / "vgg16.pth"
+    torch.save({"features.0.weight": _Eval("1")}, path)
+    for load in (LPIPS().load_vgg16, LPIPS().load_linear_heads):
+        with pytest.raises(CheckpointError, match=r"vgg16\.pth: refused: .*builtins\.eval$"):
+            load(path)
+
+
+class _Eval:
+    def __init__(self, source: str):
+        self.source = source
+
+    def __reduce__(self):
+        return (eval, (self.source,))
 
 
 def test_missing_vgg_weights_stop_with_the_file_and_the_key(tmp_path):

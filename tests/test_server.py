@@ -431,6 +431,28 @@ def test_bad_input_gets_a_4xx_naming_what_was_expected(server, path, body, ctype
     assert doc["status"] == status and words in doc["detail"], doc
 
 
+UNDECODABLE = [
+    # (body, content type, what the detail must say was expected)
+    (b"this is not a png", PNG, "not a decodable PNG: expected PNG bytes"),
+    (b"\x89PNG\r\n\x1a\n" + b"\0" * 40, PNG, "not a decodable PNG: the PNG signature is"),
+    (json.dumps({"encoding": "png", "data": _b64(b"GIF89a not a png")}), JSON,
+     "not a decodable PNG: expected PNG bytes"),
+    (b"garbage, not an npy", NPY, "not a readable .npy array: the magic string"),
+    (b"\x93NUMPY\x01\x00\x20\x00" + b"{'descr': object, 'shape': ()}".ljust(31) + b"\n", NPY,
+     "not a readable .npy array: the header is not a dict of literals"),
+]
+
+
+@pytest.mark.parametrize("body,ctype,words", UNDECODABLE, ids=[u[2][:32] for u in UNDECODABLE])
+def test_undecodable_bodies_get_400_saying_what_was_expected_without_reprs(server, body, ctype,
+                                                                           words):
+    r = server.post("/encode", body, content_type=ctype)
+    assert r.status_code == 400 and r.headers["content-type"] == JSON, r.text
+    assert "object at 0x" not in r.text and " at 0x" not in r.text, r.text
+    doc = r.json()
+    assert doc["status"] == 400 and words in doc["detail"], doc
+
+
 def _response(sock: socket.socket) -> bytes:
     """Read one HTTP response (headers and a Content-Length body) from a raw socket."""
     data = b""
@@ -474,6 +496,19 @@ def test_api_key_is_required(server):
     r = server.post("/encode", GOOD, key=None, headers={"Authorization": f"Bearer {KEY}"})
     assert r.status_code == 200
     assert requests.get(server.url + "/health", timeout=10).status_code == 200  # for balancers
+
+
+def test_an_empty_x_api_key_leaves_the_bearer_token_to_decide(server):
+    bearer = {"Authorization": f"Bearer {KEY}"}
+    r = server.post("/encode", GOOD, key=None, headers={"X-API-Key": "", **bearer})
+    assert r.status_code == 200, r.text
+    r = requests.get(server.url + "/info", headers={"X-API-Key": "", **bearer}, timeout=10)
+    assert r.status_code == 200, r.text
+    r = server.post("/encode", GOOD, key=None, headers={"X-API-Key": "", "Authorization":
+                                                        "Bearer wrong"})
+    assert r.status_code == 401 and r.json()["detail"] == "wrong API key"
+    r = server.post("/encode", GOOD, key="wrong", headers=bearer)  # a key given is the key
+    assert r.status_code == 401 and r.json()["detail"] == "wrong API key"
 
 
 # ---- metrics -------------------------------------------------------------------------------

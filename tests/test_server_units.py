@@ -2,9 +2,12 @@
 onnxruntime backend (on a real `python -m export` directory) against the torch backend."""
 from __future__ import annotations
 
+import json
 import os
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +22,7 @@ from server.__main__ import main
 from server.apis import DecodeAPI, EncodeAPI, ReconstructAPI
 from server.payloads import Job, decode_body
 from server.protocol import OPERATIONS, Options, RequestError, negotiate, parse_options
+from server.routes import error_response
 from server.settings import Settings, parse_settings
 from server.spec import ModelSourceError, describe_model, limits_of
 from tests.conftest import tiny_model_config
@@ -78,6 +82,29 @@ def test_startup_errors_name_what_is_wrong(tmp_path, checkpoint, caplog, monkeyp
         caplog.clear()
         assert main(argv) == 2
         assert words in caplog.text, caplog.text
+
+
+def test_a_port_in_use_is_named_and_exits_2_before_any_worker_starts(checkpoint):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+        start = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "server", "--model", str(checkpoint),
+                               "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2, done.stderr
+    assert f"port {port} on 127.0.0.1 is already in use" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr and "Uvicorn" not in done.stderr
+    assert time.monotonic() - start < 60  # no worker loaded the model (a few s when idle)
+
+
+def test_error_bodies_name_a_python_objects_type_never_its_repr():
+    body = json.loads(error_response(400, "cannot identify image file <_io.BytesIO object at "
+                                          "0x7f3a2b1c0d90>; <function f at 0x10>").body)
+    assert body == {"status": 400, "error": "Bad Request",
+                    "detail": "cannot identify image file a BytesIO object; a function object"}
 
 
 def test_pinned_resolution_accepts_only_that_size(checkpoint):

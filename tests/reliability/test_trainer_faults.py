@@ -168,6 +168,7 @@ def test_a_checkpoint_carrying_code_is_refused_by_every_loader(tmp_path, figures
     for name, proc in procs.items():
         assert proc.returncode != 0, f"{name} accepted the file:\n{outputs[name]}"
         assert str(evil) in outputs[name] and "refused" in outputs[name], outputs[name]
+        assert "io.open" in outputs[name] and "weights_only" not in outputs[name]  # builtins.open
     assert not marker.exists(), "a loader ran the code in the checkpoint"
     assert not (tmp_path / "export" / "encoder.onnx").exists()
     figures.append(f"checkpoint carrying code: refused by {', '.join(loaders)} "
