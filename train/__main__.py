@@ -132,25 +132,27 @@ def latent_stats_command(argv: list[str]) -> int:
     return command(argv, (*USER_ERRORS, DataError))
 
 
+def _user_errors_exit_2(command, argv: list[str], errors: tuple[type[Exception], ...]) -> int:
+    """Run a subcommand's `command(argv)`; a user error prints one line and returns 2."""
+    try:
+        return command(argv)
+    except errors as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
+
+
 def pack_command(argv: list[str]) -> int:
     """`pack`: see train/pack.py."""
     from train.pack import command
-    try:
-        return command(argv)
-    except USER_ERRORS as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return _user_errors_exit_2(command, argv, USER_ERRORS)
 
 
 def figures_command(argv: list[str]) -> int:
     """`figures`: see train/figures.py."""
     from train.data import DataError
     from train.figures import command
-    try:
-        return command(argv)
-    except (*USER_ERRORS, DataError, KeyError, json.JSONDecodeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return EXIT_USER_ERROR
+    return _user_errors_exit_2(command, argv,
+                               (*USER_ERRORS, DataError, KeyError, json.JSONDecodeError))
 
 
 def main(argv: list[str] | None = None) -> int:
