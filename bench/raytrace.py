@@ -4,8 +4,8 @@
 
 For each city, each setting and each ray count, the same transmitter is traced with two
 ray-tracer seeds; the noise is the RMS dB difference between the two maps over outdoor pixels
-lit in both (train/data/raytrace.py seed_noise_db), and `lit` the share of outdoor pixels
-that a path reaches. Writes bench/measurements/raytrace.json and prints a table.
+lit in both (train/data/raytrace.py seed_noise_db), also over those above -107 dB (40 dB
+over the floor) in both; `lit` is the share of outdoor pixels that a path reaches. Writes bench/measurements/raytrace.json and prints a table.
 """
 from __future__ import annotations
 
@@ -38,6 +38,8 @@ def measure(map_id: int, name: str, samples: int, folder: Path, seed: int = 42) 
     return {"map": map_id, "simulation": name, "samples": samples,
             "seconds": statistics.median(seconds),
             "noise_db": seed_noise_db(maps[0], maps[1], buildings),
+            "noise_db_above_-107": seed_noise_db(maps[0], maps[1], buildings, above_db=-107.0),
+            "share_above_-107": float((np.minimum(*maps)[outdoors] > 0.4).mean()),
             "lit": float((maps[0][outdoors] > 0).mean()),
             "lit_in_one_only": float(((maps[0] > 0) != (maps[1] > 0))[outdoors].mean())}
 
@@ -70,7 +72,9 @@ def main() -> None:
             summary.append({"simulation": name, "samples": f"{samples:.0e}",
                             "s per tx (median)": f"{statistics.median(r['seconds'] for r in group):.1f}",
                             "noise dB RMS (median / max)": f"{statistics.median(r['noise_db'] for r in group):.2f} / {max(r['noise_db'] for r in group):.2f}",
+                            "noise dB RMS above -107 dB (median / max)": f"{statistics.median(r['noise_db_above_-107'] for r in group):.2f} / {max(r['noise_db_above_-107'] for r in group):.2f}",
                             "lit": f"{statistics.median(r['lit'] for r in group):.2f}",
+                            "above -107 dB": f"{statistics.median(r['share_above_-107'] for r in group):.2f}",
                             "lit in one seed only": f"{statistics.median(r['lit_in_one_only'] for r in group):.3f}"})
     info = machine()
     info.update(sionna_rt=rt.__version__, variant=mitsuba.variant(),

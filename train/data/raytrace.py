@@ -135,9 +135,12 @@ def raytrace_city(scene_xml: Path, buildings: np.ndarray, transmitters: list[tup
     return to_gray(gain.reshape(len(transmitters), h, w), buildings)
 
 
-def seed_noise_db(a: np.ndarray, b: np.ndarray, buildings: np.ndarray) -> float:
-    """RMS dB difference of two gray maps of one transmitter over pixels lit in both."""
-    lit = (a > 0) & (b > 0) & ~buildings.astype(bool)
+def seed_noise_db(a: np.ndarray, b: np.ndarray, buildings: np.ndarray,
+                  above_db: float = GAIN_MIN_DB) -> float:
+    """RMS dB difference of two gray maps of one transmitter over outdoor pixels lit in both
+    (and above `above_db` in both)."""
+    level = (above_db - GAIN_MIN_DB) / (GAIN_MAX_DB - GAIN_MIN_DB)
+    lit = (np.minimum(a, b) > max(level, 0.0)) & ~buildings.astype(bool)
     if not lit.any():
         return 0.0
     diff = (a[lit].astype(np.float64) - b[lit]) * (GAIN_MAX_DB - GAIN_MIN_DB)
