@@ -4,13 +4,13 @@ TORCH ?= torch==2.13.0
 
 .PHONY: install install-gpu test test-reliability quickstart
 
+# torch first, so the project's own `torch>=2.13,<2.14` is already met: the CPU build from the
+# PyTorch CPU index where it is reachable (scripts/install.sh says what happens where not)
 install:
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[cpu,dev]'
+	PY=$(PY) TORCH=$(TORCH) EXTRAS=cpu,dev bash scripts/install.sh
 
 install-gpu:
-	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -e '.[gpu,dev]'
+	PY=$(PY) TORCH=$(TORCH) EXTRAS=gpu,dev bash scripts/install.sh --gpu
 
 test:
 	$(PY) -m pytest -q -m "not reliability"
