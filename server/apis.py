@@ -1,9 +1,10 @@
 """The inference-worker side: one LitAPI per endpoint, batching requests across clients.
 
 Requests arrive already decoded and validated (server/payloads.py, in the HTTP process), as
-`Job`s. litserve merges up to max_batch_size of them; `predict` groups the merged jobs by map
-shape, runs each group through the backend in forward passes of at most max_batch_size maps,
-and splits the results back per job, so a request's answer does not depend on its neighbours.
+`Job`s. A worker merges up to max_batch_size of them, and no more than its request budget's
+worth of compute (server/budget.py); `predict` groups the merged jobs by map shape, runs each
+group through the backend in forward passes of at most max_batch_size maps, and splits the
+results back per job, so a request's answer does not depend on its neighbours.
 """
 from __future__ import annotations
 
@@ -28,33 +29,47 @@ from model.io import from_model, to_model
 
 from . import metrics
 from .backends import load_backend
+from .budget import BUDGET_FRACTION, UNBOUNDED, BudgetPolicy, cost_megapixels
 from .logs import LOGGER, configure_logging
 from .payloads import Job
 from .settings import Settings
 from .spec import ModelSpec
 
 logger = logging.getLogger(LOGGER)
+REMEASURE_BELOW = 2.0  # seconds: a warm-up shorter than this is timed a second time
 
 
 class BlockingBatchedLoop(BatchedLoop):
-    """litserve's BatchedLoop, except that an idle worker blocks on its queue.
+    """litserve's BatchedLoop, except that an idle worker blocks on its queue, and a batch is
+    bounded by compute as well as by count.
 
     The stock loop polls the (manager-backed) queue every millisecond, or spins without pause
     when batch_timeout is 0, keeping a core busy per idle worker. Here the first request of a
-    batch is awaited, and the batch then fills for at most batch_timeout seconds.
+    batch is awaited, and the batch then fills for at most batch_timeout seconds, while its
+    requests' summed cost stays within the worker's request budget: the request that would
+    pass it is held over to start the next batch.
     """
 
-    def get_batch_requests(self, lit_api: ls.LitAPI, request_queue: Queue,
+    def __init__(self):
+        super().__init__()
+        self._held = None
+
+    def get_batch_requests(self, lit_api: "RadioAPI", request_queue: Queue,
                            transport: MessageTransport) -> tuple[list, list]:
-        first = self.get_request(request_queue, timeout=1.0)
+        first, self._held = self._held or self.get_request(request_queue, timeout=1.0), None
         if first is None:
             return [], []
         items, deadline = [first], time.monotonic() + lit_api.batch_timeout
+        cost = _item_cost(lit_api, first)
         while len(items) < lit_api.max_batch_size:
             remaining = deadline - time.monotonic()
             item = (self.get_request(request_queue, timeout=remaining) if remaining > 0
                     else self.get_request(request_queue, block=False))
             if item is None:
+                break
+            cost += _item_cost(lit_api, item)
+            if cost > lit_api.budget_megapixels:
+                self._held = item
                 break
             items.append(item)
         return self._admit(lit_api, items, transport)
@@ -94,16 +109,19 @@ class RadioAPI(ls.LitAPI):
     """Shared worker logic; subclasses define `run(jobs) -> results` for one endpoint."""
 
     name = ""
+    factor = 1  # input pixels -> output map pixels, per side (latents: the downsampling factor)
 
     def __init__(self, spec: ModelSpec, max_batch_size: int, batch_timeout: float,
                  precision: str = "auto", require_cuda: bool = False, log_level: str = "info",
-                 threads: int = 0, warmup_size: Optional[tuple[int, int]] = None):
+                 threads: int = 0, warmup_size: Optional[tuple[int, int]] = None,
+                 budget: BudgetPolicy = UNBOUNDED):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          api_path=f"/{self.name}", loop=BlockingBatchedLoop())
         self.model_spec, self.precision, self.require_cuda = spec, precision, require_cuda
-        self.log_level, self.threads = log_level, threads
+        self.log_level, self.threads, self.budget = log_level, threads, budget
         self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
         self.worker_info: Optional[dict] = None  # a manager dict the server attaches, for /info
+        self.budget_megapixels = float("inf")  # set by setup, from the timed warm-up
 
     def setup(self, device: str) -> None:
         configure_logging(self.log_level)  # a spawned worker starts with no logging set up
@@ -111,8 +129,10 @@ class RadioAPI(ls.LitAPI):
             torch.set_num_threads(self.threads)
         self.backend = load_backend(self.model_spec, device, self.precision, self.require_cuda,
                                     self.threads)
-        self.run([self.warmup_job()])
-        described = {**self.backend.describe(), "endpoint": self.api_path, "pid": os.getpid()}
+        rate = self._seconds_per_megapixel()
+        self._set_budget(rate)
+        described = {**self.backend.describe(), "endpoint": self.api_path, "pid": os.getpid(),
+                     "seconds_per_megapixel": rate, "budget_megapixels": self.budget_megapixels}
         logger.info("%s worker ready: %s", self.api_path, described)
         if self.worker_info is not None:
             self.worker_info[f"{self.api_path}:{os.getpid()}"] = described
@@ -120,6 +140,36 @@ class RadioAPI(ls.LitAPI):
     def warmup_job(self) -> Job:
         h, w = self.warmup_size
         return Job(np.zeros((1, 1, h, w), np.float32))
+
+    def job_cost(self, job: Job) -> float:
+        """Megapixels of output maps (server/budget.py)."""
+        return cost_megapixels(len(job.x), job.x.shape[-2:], self.factor)
+
+    def _warmup_cost(self) -> float:
+        return self.job_cost(self.warmup_job())
+
+    def _set_budget(self, rate: float) -> None:
+        one_map = self._warmup_cost()
+        self.budget_megapixels = self.budget.megapixels(rate, one_map)
+        logger.info("%s: %.3g s per output megapixel; request budget %.4g megapixels",
+                    self.api_path, rate, self.budget_megapixels)
+        if self.budget.override is None and rate * one_map > BUDGET_FRACTION * self.budget.timeout:
+            logger.warning("%s: one warm-up map takes %.3g s, more than %g of --timeout; the "
+                           "budget is that one map: raise --timeout", self.api_path,
+                           rate * one_map, BUDGET_FRACTION)
+
+    def _seconds_per_megapixel(self) -> float:
+        """The warm-up, timed: seconds per output megapixel of this endpoint on this device. A
+        short first run (one-time costs included) is timed once more and the faster run kept."""
+        timings = [self._timed_warmup()]
+        if timings[0] < REMEASURE_BELOW:
+            timings.append(self._timed_warmup())
+        return min(timings) / self._warmup_cost()
+
+    def _timed_warmup(self) -> float:
+        start = time.perf_counter()
+        self.run([self.warmup_job()])
+        return time.perf_counter() - start
 
     def decode_request(self, request: Job) -> Job:
         return request  # decoded and validated by the HTTP process
@@ -186,6 +236,10 @@ class EncodeAPI(RadioAPI):
 class DecodeAPI(RadioAPI):
     name = "decode"
 
+    @property
+    def factor(self) -> int:
+        return self.model_spec.downsample_factor
+
     def warmup_job(self) -> Job:
         h, w = self.warmup_size
         f = self.model_spec.downsample_factor
@@ -206,6 +260,12 @@ class ReconstructAPI(RadioAPI):
         return _split(maps.numpy(), jobs)
 
 
+def _item_cost(lit_api: RadioAPI, item: tuple) -> float:
+    """The cost of a queued (response queue, uid, timestamp, job) item; 0 for the sentinel."""
+    job = item[3]
+    return 0.0 if job is None else lit_api.job_cost(job)
+
+
 def _groups_by_shape(jobs: list[Job]) -> list[list[int]]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
@@ -220,7 +280,8 @@ def _split(batch: np.ndarray, jobs: list[Job]) -> list[np.ndarray]:
 
 def build_apis(spec: ModelSpec, settings: Settings) -> list[RadioAPI]:
     """One LitAPI per endpoint, configured from the server settings."""
+    budget = BudgetPolicy.of(settings)
     return [cls(spec, settings.max_batch_size, settings.batch_timeout, settings.precision,
                 settings.device == "cuda", settings.log_level, settings.threads,
-                settings.resolution)
+                settings.resolution, budget=budget)
             for cls in (EncodeAPI, DecodeAPI, ReconstructAPI)]

@@ -5,7 +5,8 @@ replaces four of its steps:
 - routes: payloads are decoded and validated in the HTTP process (server/routes.py), so a bad
   request never reaches a worker, where one failure would fail every request batched with it;
 - internal endpoints: /health (ready once every worker has loaded the model and run a
-  warm-up), /info (model, shapes, limits, provider per worker, versions), /metrics;
+  warm-up), /info (model, shapes, limits, request budgets, provider per worker, versions),
+  /metrics;
 - middleware: request metrics; no gzip (float32 npy barely compresses, and gzip level 9 on a
   batch costs more than the network);
 - shutdown: HTTP processes drain in-flight requests first, then the workers stop, each step
@@ -31,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 
 from . import metrics
 from .apis import build_apis
+from .budget import BudgetPolicy, budget_report
 from .logs import LOGGER
 from .protocol import OPERATIONS
 from .routes import (Context, MetricsMiddleware, add_operation_route, authorize,
@@ -45,7 +47,8 @@ WORKER_STOP_TIMEOUT = 5.0
 class RadioDiffServer(ls.LitServer):
     def __init__(self, settings: Settings, spec: ModelSpec, limits: Limits,
                  api_key: Optional[str] = None):
-        self.settings, self.context = settings, Context(spec, limits, api_key)
+        self.settings = settings
+        self.context = Context(spec, limits, api_key, self._published)
         self.stop_reason: Optional[str] = None
         self._stopped = self._stop_requested = False
         self._stop_lock = threading.Lock()
@@ -146,8 +149,12 @@ class RadioDiffServer(ls.LitServer):
 
     async def _info(self, request: Request) -> JSONResponse:
         authorize(request, self.context.api_key)
-        workers = await run_in_threadpool(lambda: list(self.worker_info.values()))
+        workers = await run_in_threadpool(self._published)
         return JSONResponse(info_document(self.settings, self.context, workers))
+
+    def _published(self) -> list[dict]:
+        """What each ready inference worker published (backend, speed, budget); blocking."""
+        return list(self.worker_info.values())
 
     async def _metrics(self) -> Response:
         content, media_type = await run_in_threadpool(metrics.render)
@@ -167,6 +174,7 @@ def info_document(settings: Settings, ctx: Context, workers: list[dict]) -> dict
         "limits": {"resolution": list(limits.resolution) if limits.resolution else None,
                    "max_pixels": limits.max_pixels, "max_request_maps": limits.max_request_maps,
                    "max_body_bytes": limits.max_body_bytes},
+        "budget": budget_report(workers, BudgetPolicy.of(settings)),
         "batching": {"max_batch_size": settings.max_batch_size,
                      "batch_timeout": settings.batch_timeout,
                      "workers_per_device": settings.workers_per_device},

@@ -18,6 +18,7 @@ from PIL import Image
 from model.io import (RadioMapError, RadioMapTooLarge, check_map, decode_npy, decode_png,
                       encode_npy, encode_png)
 
+from .budget import check_cost
 from .protocol import JSON, NPY, PNG, Operation, Options, RequestError
 from .spec import Limits, ModelSpec
 
@@ -43,8 +44,9 @@ class Payload:
 
 
 def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: Limits,
-                options: Options) -> Payload:
-    """Request body -> checked float32 [N, C, H, W] (maps resized if asked)."""
+                options: Options, budget: float = float("inf")) -> Payload:
+    """Request body -> checked float32 [N, C, H, W] (maps resized if asked); a request whose
+    cost (server/budget.py) is over `budget` megapixels is refused before any resize."""
     if kind == JSON:
         items, encoding, is_list = _json_items(body, limits.max_request_maps)
         arrays = [_decode_item(item, encoding, op, limits) for item in items]
@@ -53,6 +55,7 @@ def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: 
         payload = _as_batch(_decode_item(body, "png" if kind == PNG else "npy", op, limits),
                             op, spec)
     _check_count(payload.array.shape[0], limits)
+    _check_budget(payload.array, op, spec, options, budget)
     if op.takes == "map":
         payload.array = _checked(check_map, payload.array)
         if options.resize:
@@ -70,6 +73,14 @@ def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: 
                                     f"posterior's are O(1) to O(10)); got max |z| = "
                                     f"{np.abs(payload.array).max():.4g}")
     return payload
+
+
+def _check_budget(array: np.ndarray, op: Operation, spec: ModelSpec, options: Options,
+                  budget: float) -> None:
+    if op.takes == "map":
+        check_cost(op.path, len(array), options.resize or array.shape[-2:], 1, budget)
+    else:
+        check_cost(op.path, len(array), array.shape[-2:], spec.downsample_factor, budget)
 
 
 def _check_count(count: int, limits: Limits) -> None:

@@ -10,11 +10,14 @@ MAX_SEED = 2**63 - 1
 
 
 class RequestError(Exception):
-    """A request the server refuses; `status` is the HTTP code, `detail` says what was expected."""
+    """A request the server refuses; `status` is the HTTP code, `detail` says what was expected;
+    `fields` go into the JSON body next to it, `headers` into the response."""
 
-    def __init__(self, status: int, detail: str):
+    def __init__(self, status: int, detail: str, fields: Optional[dict] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(detail)
         self.status, self.detail = status, detail
+        self.fields, self.headers = fields or {}, headers
 
 
 @dataclass(frozen=True)

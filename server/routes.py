@@ -3,7 +3,8 @@
 Everything a client can get wrong is checked here, in the HTTP process, in the order that
 costs the server least: key (401), query (422), Content-Type (415), Accept (406), declared
 length (413, before any byte of the body is read), streamed length (413), then the payload
-itself (400 / 413 / 422). Only a valid job reaches an inference worker.
+itself (400 / 413 / 422), its compute cost against the request budget (413, before any resize;
+server/budget.py). Only a valid job within budget reaches an inference worker.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import re
 import time
 from dataclasses import dataclass
 from http import HTTPStatus
+from collections.abc import Callable
 from typing import Optional
 
 from fastapi import FastAPI, Request
@@ -24,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
+from .budget import endpoint_budget
 from .logs import LOGGER
 from .payloads import Job, check_deliverable, decode_body, encode_result
 from .protocol import (JSON, MAX_SEED, NPY, PNG, Operation, RequestError, check_content_type,
@@ -37,10 +40,12 @@ _OBJECT_REPR = re.compile(r"<([\w.]+)[^<>]* at 0x[0-9a-fA-F]+>")
 
 @dataclass(frozen=True)
 class Context:
-    """What every request handler needs to know about the server."""
+    """What every request handler needs to know about the server; `workers` reads what the
+    inference workers published (their measured speed and request budget)."""
     spec: ModelSpec
     limits: Limits
     api_key: Optional[str]
+    workers: Callable[[], list[dict]] = list
 
 
 class ErrorBody(BaseModel):
@@ -49,7 +54,14 @@ class ErrorBody(BaseModel):
     detail: str
 
 
-def error_response(status: int, detail: str) -> JSONResponse:
+class TooLargeBody(ErrorBody):
+    """A 413; one refused for its compute cost also says the cost and the budget."""
+    cost_megapixels: Optional[float] = None
+    budget_megapixels: Optional[float] = None
+
+
+def error_response(status: int, detail: str, fields: Optional[dict] = None,
+                   headers: Optional[dict[str, str]] = None) -> JSONResponse:
     """The one JSON shape of every error; a Python object's repr that a library put in its
     message (PIL: `<_io.BytesIO object at 0x7f...>`) is named by its type, never its address."""
     try:
@@ -57,14 +69,15 @@ def error_response(status: int, detail: str) -> JSONResponse:
     except ValueError:
         phrase = "Error"
     detail = _OBJECT_REPR.sub(lambda m: f"a {m.group(1).rsplit('.', 1)[-1]} object", detail)
-    return JSONResponse({"status": status, "error": phrase, "detail": detail}, status_code=status)
+    return JSONResponse({"status": status, "error": phrase, "detail": detail, **(fields or {})},
+                        status_code=status, headers=headers)
 
 
 def install_error_handlers(app: FastAPI) -> None:
     """Every error, ours, FastAPI's (404, 405) or litserve's (504), as one JSON shape."""
 
     async def request_error(_: Request, err: RequestError) -> JSONResponse:
-        return error_response(err.status, err.detail)
+        return error_response(err.status, err.detail, err.fields, err.headers)
 
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
         return error_response(err.status_code, str(err.detail))
@@ -119,7 +132,9 @@ async def serve(request: Request, op: Operation, handler: RegularRequestHandler,
     kind = check_content_type(op, request.headers.get("content-type"))
     answer = negotiate(op, request.headers.get("accept"))
     body = await read_body(request, ctx.limits.max_body_bytes)
-    payload = await run_in_threadpool(decode_body, body, kind, op, ctx.spec, ctx.limits, options)
+    budget = endpoint_budget(await run_in_threadpool(ctx.workers), op.path)
+    payload = await run_in_threadpool(decode_body, body, kind, op, ctx.spec, ctx.limits, options,
+                                      budget)
     check_deliverable(answer, len(payload.array))
     job = Job(payload.array, options.mode, options.seed, options.scaled)
     result = await handler.handle_request(job, Job)
@@ -228,11 +243,16 @@ def _responses(op: Operation) -> dict:
     if op.gives == "map":
         ok[PNG] = {"schema": _BINARY}
     errors = {400: "undecodable PNG, npy, JSON or base64", 401: "missing or wrong API key",
-              406: "no acceptable response type", 413: "body, pixel count or batch over the limit",
+              406: "no acceptable response type",
+              413: "body, pixel count or batch over the limit, or compute cost over the "
+                   "per-request budget (then with cost_megapixels and budget_megapixels: send "
+                   "fewer maps or a smaller ?resize=)",
               415: "unsupported Content-Type",
               422: "wrong dtype, shape, size, NaN/Inf, values or query option",
+              503: "the endpoint's worker is still warming up (Retry-After)",
               504: "no worker took the request within --timeout"}
     responses: dict = {200: {"description": "the result", "content": ok}}
     for status, text in errors.items():
-        responses[status] = {"description": text, "model": ErrorBody}
+        responses[status] = {"description": text,
+                             "model": TooLargeBody if status == 413 else ErrorBody}
     return responses

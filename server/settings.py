@@ -28,6 +28,7 @@ class Settings:
     max_body_mb: float = 64.0
     max_pixels: int = 512 * 512
     max_request_maps: int = 64
+    max_request_cost: Optional[float] = None  # megapixels; None: measured (server/budget.py)
     resolution: Optional[tuple[int, int]] = None
     config: Optional[str] = None
     api_key_env: Optional[str] = None
@@ -126,6 +127,10 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-pixels", type=_positive_int, help=f"H*W limit per map {_default('max_pixels')}")
     add("--max-request-maps", type=_positive_int,
         help=f"maps per request {_default('max_request_maps')}")
+    add("--max-request-cost", type=_positive_float, metavar="MEGAPIXELS",
+        help="compute budget per request, in megapixels of output maps (maps x H x W after "
+             "?resize); larger requests get 413 (default: what each endpoint computes in half "
+             "of --timeout, timed at start)")
     add("--resolution", type=_positive_int, nargs=2, metavar=("H", "W"),
         help="accept only HxW maps (default: any multiple of the downsampling factor)")
     add("--config", help="model YAML for an upstream checkpoint that stores no config")

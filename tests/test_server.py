@@ -17,6 +17,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ NPY, PNG, JSON = "application/x-npy", "image/png", "application/json"
 ATOL = 1e-4  # the server's CPU path (Winograd convolutions) re-associates fp32 sums
 MAX_PIXELS = 128 * 128
 MAX_MAPS = 8
+MAX_COST = 0.1  # --max-request-cost, megapixels: 6 maps of 128x128 fit, 8 do not
 
 
 @dataclass
@@ -84,13 +86,23 @@ def server(tmp_path_factory):
     net = AutoencoderKL.from_config(tiny_model_config())
     ckpt = save_checkpoint(root / "model-0.pt", {"model": net.state_dict(), "step": 0,
                                                  "config": {"model": to_dict(tiny_model_config())}})
-    port, log = _free_port(), root / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "RADIODIFF_TEST_KEY": KEY,
-           "RADIODIFF_BATCH_TIMEOUT": "0.05", "RADIODIFF_MAX_REQUEST_MAPS": str(MAX_MAPS)}
-    cmd = [sys.executable, "-m", "server", "--model", str(root), "--host", "127.0.0.1",
-           "--port", str(port), "--api-key-env", "RADIODIFF_TEST_KEY", "--max-body-mb", "1",
-           "--max-pixels", str(MAX_PIXELS), "--max-batch-size", "8", "--threads", "1",
-           "--log-level", "warning"]
+    env = {"RADIODIFF_TEST_KEY": KEY, "RADIODIFF_BATCH_TIMEOUT": "0.05",
+           "RADIODIFF_MAX_REQUEST_MAPS": str(MAX_MAPS)}
+    args = ["--api-key-env", "RADIODIFF_TEST_KEY", "--max-body-mb", "1",
+            "--max-pixels", str(MAX_PIXELS), "--max-batch-size", "8",
+            "--max-request-cost", str(MAX_COST)]
+    with running_server(root, args, env) as (url, port, proc, log):
+        yield Server(url, port, proc, load_autoencoder(ckpt), log)
+
+
+@contextmanager
+def running_server(model: Path, args: list[str], env: dict[str, str]):
+    """`python -m server --model model *args` on loopback (one thread per worker), ready;
+    yields (url, port, process, log path), and stops every process of it afterwards."""
+    port, log = _free_port(), model / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--threads", "1", "--log-level", "warning", *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
@@ -99,7 +111,7 @@ def server(tmp_path_factory):
     torch.set_num_threads(1)  # the server's three workers share the same few cores
     try:
         _wait_ready(url, proc, log)
-        yield Server(url, port, proc, load_autoencoder(ckpt), log)
+        yield url, port, proc, log
     finally:
         torch.set_num_threads(threads)
         if proc.poll() is None:
@@ -509,6 +521,66 @@ def test_an_empty_x_api_key_leaves_the_bearer_token_to_decide(server):
     assert r.status_code == 401 and r.json()["detail"] == "wrong API key"
     r = server.post("/encode", GOOD, key="wrong", headers=bearer)  # a key given is the key
     assert r.status_code == 401 and r.json()["detail"] == "wrong API key"
+
+
+# ---- compute budget (--max-request-cost) ---------------------------------------------------
+
+def _info(server) -> dict:
+    return requests.get(server.url + "/info", headers={"X-API-Key": KEY}, timeout=10).json()
+
+
+def test_the_budget_override_is_reported_with_each_endpoints_measured_speed(server):
+    budget = _info(server)["budget"]
+    assert budget["max_request_cost"] == MAX_COST and budget["fraction_of_timeout"] == 0.5
+    assert set(budget["endpoints"]) == {"/encode", "/decode", "/reconstruct"}
+    for endpoint in budget["endpoints"].values():
+        assert endpoint["budget_megapixels"] == MAX_COST
+        assert 0 < endpoint["seconds_per_megapixel"] < 1000
+
+
+def test_an_amplifying_request_is_refused_fast_with_its_cost_and_the_budget(server):
+    tiny = encode_npy(_maps(MAX_MAPS, size=4))  # 512 bytes of pixels, resized to 8 x 128x128
+    start = time.perf_counter()
+    r = server.post("/reconstruct", tiny, params={"resize": "128,128"})
+    elapsed = time.perf_counter() - start
+    assert r.status_code == 413, r.text
+    doc = r.json()
+    assert doc["cost_megapixels"] == pytest.approx(MAX_MAPS * 128 * 128 / 1e6)
+    assert doc["budget_megapixels"] == MAX_COST
+    assert "fewer maps" in doc["detail"] and "?resize=" in doc["detail"]
+    assert elapsed < 0.5, f"the 413 took {elapsed * 1000:.0f} ms"
+
+
+def test_decode_cost_counts_the_maps_the_latents_decode_to(server):
+    latents = np.zeros((MAX_MAPS, 3, 32, 32), np.float32)  # 8 maps of 128x128 = 0.131 MP
+    r = server.post("/decode", encode_npy(latents))
+    assert r.status_code == 413 and r.json()["cost_megapixels"] == pytest.approx(0.131072)
+    assert _npy(server.post("/decode", encode_npy(latents[:6]))).shape == (6, 1, 128, 128)
+
+
+def test_a_request_within_the_budget_is_served(server):
+    maps = _maps(6, size=128, seed=40)  # 0.098 MP
+    assert _npy(server.post("/reconstruct", encode_npy(maps))).shape == (6, 1, 128, 128)
+    r = server.post("/encode", encode_npy(_maps(6, size=4)), params={"resize": "128,128"})
+    assert _npy(r).shape == (6, 3, 32, 32)
+
+
+def test_batches_are_formed_under_the_budget(server):
+    body = encode_npy(_maps(4, size=128, seed=41))  # 0.066 MP: two would pass the budget
+    before = server.metrics()
+    barrier = threading.Barrier(3)
+
+    def send(_):
+        barrier.wait()
+        return _npy(server.post("/encode", body))
+
+    with ThreadPoolExecutor(3) as pool:
+        assert all(z.shape == (4, 3, 32, 32) for z in pool.map(send, range(3)))
+    after = server.metrics()
+    count, total = (after[f'radiodiff_batch_requests_{kind}{{endpoint="/encode"}}']
+                    - before[f'radiodiff_batch_requests_{kind}{{endpoint="/encode"}}']
+                    for kind in ("count", "sum"))
+    assert total == 3 and count == 3, "requests over the budget together shared a batch"
 
 
 # ---- metrics -------------------------------------------------------------------------------

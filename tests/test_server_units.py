@@ -20,6 +20,7 @@ from model.config import to_dict
 from model.io import encode_npy, from_model, to_model
 from server.__main__ import main
 from server.apis import DecodeAPI, EncodeAPI, ReconstructAPI
+from server.budget import BudgetPolicy
 from server.payloads import Job, decode_body
 from server.protocol import OPERATIONS, Options, RequestError, negotiate, parse_options
 from server.routes import error_response
@@ -154,10 +155,12 @@ def test_onnx_backend_serves_an_export_like_the_model(export_dir, checkpoint):
     assert spec.backend == "onnx" and spec.downsample_factor == 4
     with pytest.raises(ModelSourceError, match="ONNX export directory"):
         describe_model(Settings(model=str(export_dir), backend="torch"))
-    encode, decode, reconstruct = (cls(spec, max_batch_size=2, batch_timeout=0.0)
+    encode, decode, reconstruct = (cls(spec, max_batch_size=2, batch_timeout=0.0,
+                                       budget=BudgetPolicy(30.0))
                                    for cls in (EncodeAPI, DecodeAPI, ReconstructAPI))
     for api in (encode, decode, reconstruct):
-        api.setup("cpu")  # what each inference worker runs, warm-up included
+        api.setup("cpu")  # what each inference worker runs, warm-up (timed) included
+        assert 0 < api.budget_megapixels < float("inf")
     assert encode.backend.describe()["provider"] == "CPUExecutionProvider"
     model = load_autoencoder(checkpoint)
     rng = np.random.default_rng(2)

@@ -1,0 +1,85 @@
+"""The request budget the server measures for itself (no --max-request-cost), over real HTTP.
+
+A real `python -m server` (tiny model, CPU or whatever it finds) times each endpoint at start;
+its default budget is what that endpoint computes in half of --timeout. --timeout is short
+here so that the budget stays well below what --max-pixels and --max-request-maps allow.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import pytest
+import requests
+import torch
+
+from model.autoencoder import AutoencoderKL
+from model.checkpoint import save_checkpoint
+from model.config import to_dict
+from model.io import encode_npy
+from tests.conftest import tiny_model_config
+from tests.test_server import NPY, running_server
+
+TIMEOUT = 5.0
+MAX_SIDE, MAX_MAPS = 1024, 64
+
+
+@pytest.fixture(scope="module")
+def server_url(tmp_path_factory):
+    root = tmp_path_factory.mktemp("budget")
+    torch.manual_seed(0)
+    net = AutoencoderKL.from_config(tiny_model_config())
+    save_checkpoint(root / "model-0.pt", {"model": net.state_dict(), "step": 0,
+                                          "config": {"model": to_dict(tiny_model_config())}})
+    args = ["--timeout", str(TIMEOUT), "--max-pixels", str(MAX_SIDE * MAX_SIDE),
+            "--max-request-maps", str(MAX_MAPS), "--max-body-mb", "8"]
+    with running_server(root, args, {}) as (url, *_):
+        yield url
+
+
+def _post(url: str, body: bytes, params=None) -> requests.Response:
+    return requests.post(url, data=body, params=params, headers={"Content-Type": NPY},
+                         timeout=60)
+
+
+def _budget(url: str) -> dict:
+    return requests.get(url + "/info", timeout=10).json()["budget"]
+
+
+def test_the_default_budget_is_half_the_deadline_at_the_measured_speed(server_url):
+    budget = _budget(server_url)
+    assert budget["max_request_cost"] is None and budget["timeout"] == TIMEOUT
+    one_map = 64 * 64 / 1e6  # the warm-up map: the model's configured size
+    for name, endpoint in budget["endpoints"].items():
+        rate = endpoint["seconds_per_megapixel"]
+        assert rate > 0, name
+        expected = max(budget["fraction_of_timeout"] * TIMEOUT / rate, one_map)
+        assert endpoint["budget_megapixels"] == pytest.approx(expected), name
+    for name, endpoint in budget["endpoints"].items():  # the figures, with pytest -s
+        print(f"{name}: {endpoint['seconds_per_megapixel']:.3g} s/MP, budget "
+              f"{endpoint['budget_megapixels']:.3g} MP")
+
+
+def test_tiny_maps_with_a_large_resize_are_refused_in_milliseconds(server_url):
+    budget = _budget(server_url)["endpoints"]["/reconstruct"]["budget_megapixels"]
+    maps = math.ceil(budget / (MAX_SIDE * MAX_SIDE / 1e6)) + 1
+    if maps > MAX_MAPS:
+        pytest.skip(f"this device's budget ({budget:.0f} MP) holds the largest request")
+    body = encode_npy(np.random.default_rng(0).random((maps, 1, 4, 4), dtype=np.float32))
+    start = time.perf_counter()
+    r = _post(server_url + "/reconstruct", body, {"resize": f"{MAX_SIDE},{MAX_SIDE}"})
+    elapsed = time.perf_counter() - start
+    assert r.status_code == 413, r.text
+    doc = r.json()
+    assert doc["budget_megapixels"] == pytest.approx(budget, rel=1e-5)
+    assert doc["cost_megapixels"] == pytest.approx(maps * MAX_SIDE * MAX_SIDE / 1e6)
+    print(f"\n{len(body)}-byte request costing {doc['cost_megapixels']:.1f} MP refused in "
+          f"{elapsed * 1000:.1f} ms (budget {budget:.2f} MP)")
+    assert elapsed < 0.5
+
+
+def test_a_request_within_the_measured_budget_is_served(server_url):
+    maps = np.random.default_rng(1).random((2, 1, 64, 64), dtype=np.float32)
+    r = _post(server_url + "/reconstruct", encode_npy(maps))
+    assert r.status_code == 200, r.text
