@@ -1,5 +1,6 @@
 """`python -m export`: ONNX encoder/decoder graphs (and optionally a diffusers folder) from a
-checkpoint, checked against torch before success is reported.
+checkpoint, checked against torch before success is reported. `python -m export latents ...`
+encodes a data split into latent shards instead (export/latents.py).
 
 Exit status: 0 success; 1 export or verification failed (figures printed); 2 bad input.
 """
@@ -79,6 +80,10 @@ def _run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["latents"]:  # `python -m export latents ...`: a data split to latent shards
+        from .latents import main as latents_main
+        return latents_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
