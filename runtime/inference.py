@@ -35,6 +35,7 @@ from model.distributions import DiagonalGaussianDistribution
 
 from .fast_layers import use_fused_attention, use_matmul_1x1, use_winograd, winograd_available
 from .malloc import glibc, malloc_reuse
+from .tiling import Tiler
 
 logger = logging.getLogger(__name__)
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -89,6 +90,7 @@ class InferenceModel:
     def __init__(self, model: AutoencoderKL, device: torch.device, options: InferenceOptions):
         self.model, self.device, self.options = model, device, options
         self.fp32_recomputes = 0  # fp16 batches that overflowed and ran again in fp32
+        self.tiler: Tiler | None = None  # enable_tiling()
         self._encoder, self._decoder = model.encoder, model.decoder
         if options.compile or options.cuda_graphs:
             mode = "reduce-overhead" if options.cuda_graphs else None
@@ -121,19 +123,35 @@ class InferenceModel:
                 out = fn(t)
         return out
 
+    def enable_tiling(self, tile: int = 256, overlap: int = 128) -> None:
+        """Encode / decode maps larger than `tile` pixels as overlapping, blended tiles
+        (runtime/tiling.py); smaller maps are unaffected."""
+        self.tiler = Tiler(tile, overlap, self.model.downsample_factor)
+
+    def disable_tiling(self) -> None:
+        self.tiler = None
+
+    def _moments(self, x: torch.Tensor) -> torch.Tensor:
+        moments = self._run(lambda t: self.model.quant_conv(self._encoder(t)), self._input(x))
+        return moments.float()
+
+    def _image(self, z: torch.Tensor) -> torch.Tensor:
+        image = self._run(lambda t: self._decoder(self.model.post_quant_conv(t)), self._input(z))
+        if self.options.cuda_graphs and image.dtype == torch.float32:
+            image = image.clone()  # the graph's output buffer is overwritten by the next call
+        return image.float()
+
     @torch.inference_mode()
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """Maps [N, C, H, W] -> the posterior over latents (float32)."""
-        moments = self._run(lambda t: self.model.quant_conv(self._encoder(t)), self._input(x))
-        return DiagonalGaussianDistribution(moments.float().contiguous())
+        moments = self.tiler.encode(self._moments, x) if self.tiler else self._moments(x)
+        return DiagonalGaussianDistribution(moments.contiguous())
 
     @torch.inference_mode()
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Latents [N, z, h, w] -> maps [N, C, h*f, w*f] (float32, NCHW)."""
-        image = self._run(lambda t: self._decoder(self.model.post_quant_conv(t)), self._input(z))
-        if self.options.cuda_graphs and image.dtype == torch.float32:
-            image = image.clone()  # the graph's output buffer is overwritten by the next call
-        return image.float().contiguous()
+        image = self.tiler.decode(self._image, z) if self.tiler else self._image(z)
+        return image.contiguous()
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """decode(encode(x).mode())."""
