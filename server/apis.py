@@ -14,7 +14,7 @@ import signal
 import time
 from collections import defaultdict
 from queue import Queue
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import litserve as ls
 import numpy as np
@@ -22,7 +22,7 @@ import torch
 from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.transport.base import MessageTransport
-from litserve.utils import LitAPIStatus, LoopResponseType
+from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
 from model.distributions import DiagonalGaussianDistribution
 from model.io import from_model, to_model
@@ -32,6 +32,7 @@ from .backends import load_backend
 from .budget import BUDGET_FRACTION, UNBOUNDED, BudgetPolicy, cost_megapixels
 from .logs import LOGGER, configure_logging
 from .payloads import Job
+from .queueing import QueueSlots, default_queue
 from .settings import Settings
 from .spec import ModelSpec
 
@@ -39,40 +40,101 @@ logger = logging.getLogger(LOGGER)
 REMEASURE_BELOW = 2.0  # seconds: a warm-up shorter than this is timed a second time
 
 
+class Queued(NamedTuple):
+    """A request as litserve queues it; `timestamp` is when its HTTP handler queued it."""
+    response_queue_id: int
+    uid: str
+    timestamp: float
+    job: Job
+
+
 class BlockingBatchedLoop(BatchedLoop):
-    """litserve's BatchedLoop, except that an idle worker blocks on its queue, and a batch is
-    bounded by compute as well as by count.
+    """litserve's BatchedLoop, except that an idle worker blocks on its queue, a batch is
+    bounded by compute as well as by count, and deadlines hold (server/queueing.py).
 
     The stock loop polls the (manager-backed) queue every millisecond, or spins without pause
     when batch_timeout is 0, keeping a core busy per idle worker. Here the first request of a
     batch is awaited, and the batch then fills for at most batch_timeout seconds, while its
     requests' summed cost stays within the worker's request budget: the request that would
-    pass it is held over to start the next batch.
+    pass it is held over to start the next batch. A request that nobody waits for any more is
+    dropped unrun; one that the batch, at the measured speed, would finish after its deadline
+    gets 504 before the batch starts; a result finished after its deadline is not sent.
     """
 
     def __init__(self):
         super().__init__()
         self._held = None
+        self._deadlines: dict[str, float] = {}  # of the running batch's requests, by uid
 
     def get_batch_requests(self, lit_api: "RadioAPI", request_queue: Queue,
                            transport: MessageTransport) -> tuple[list, list]:
-        first, self._held = self._held or self.get_request(request_queue, timeout=1.0), None
-        if first is None:
-            return [], []
-        items, deadline = [first], time.monotonic() + lit_api.batch_timeout
-        cost = _item_cost(lit_api, first)
-        while len(items) < lit_api.max_batch_size:
-            remaining = deadline - time.monotonic()
-            item = (self.get_request(request_queue, timeout=remaining) if remaining > 0
-                    else self.get_request(request_queue, block=False))
+        batch: list[Queued] = []
+        cost, fill_until = 0.0, None
+        while len(batch) < lit_api.max_batch_size:
+            item = self._next_item(request_queue, fill_until)
             if item is None:
                 break
-            cost += _item_cost(lit_api, item)
-            if cost > lit_api.budget_megapixels:
+            if item == _SENTINEL_VALUE:
+                raise _StopLoopError()
+            queued = Queued(*item)
+            if batch and cost + lit_api.job_cost(queued.job) > lit_api.budget_megapixels:
                 self._held = item
                 break
-            items.append(item)
-        return self._admit(lit_api, items, transport)
+            if not _take(lit_api, queued):
+                continue
+            batch.append(queued)
+            cost += lit_api.job_cost(queued.job)
+            fill_until = fill_until or time.monotonic() + lit_api.batch_timeout
+        return self._startable(lit_api, batch, cost, transport), []
+
+    def _next_item(self, request_queue: Queue, fill_until: Optional[float]):
+        """The held-over request, else the next queued one: awaited (for up to a second) while
+        the batch is empty, then until `fill_until`; None when none came."""
+        if self._held is not None:
+            item, self._held = self._held, None
+            return item
+        if fill_until is None:
+            return self.get_request(request_queue, timeout=1.0)
+        remaining = fill_until - time.monotonic()
+        return (self.get_request(request_queue, timeout=remaining) if remaining > 0
+                else self.get_request(request_queue, block=False))
+
+    def _startable(self, lit_api: "RadioAPI", batch: list[Queued], cost: float,
+                   transport: MessageTransport) -> list:
+        """The batch's requests that it finishes by their deadlines at the measured speed, as
+        (response queue, uid, job); the others get 504 now, never started."""
+        now = time.monotonic()
+        needs = lit_api.seconds_per_megapixel * cost
+        on_time = []
+        for queued in batch:
+            deadline = queued.timestamp + lit_api.request_timeout
+            if now + needs <= deadline:
+                on_time.append(queued)
+                continue
+            detail = (f"{lit_api.api_path}: not started: its batch needs about {needs:.1f} s at "
+                      f"the measured speed and {max(deadline - now, 0):.1f} s of its deadline "
+                      f"(--timeout {lit_api.request_timeout:g} s) are left; retry later, or "
+                      "send a smaller request")
+            self.put_response(transport, queued.response_queue_id, queued.uid,
+                              PickleableHTTPException(504, detail), LitAPIStatus.ERROR,
+                              LoopResponseType.REGULAR)
+        self._deadlines = {q.uid: q.timestamp + lit_api.request_timeout for q in on_time}
+        for queued in on_time:
+            self.put_response(transport, queued.response_queue_id, queued.uid, (),
+                              LitAPIStatus.START, LoopResponseType.REGULAR)
+        return [(q.response_queue_id, q.uid, q.job) for q in on_time]
+
+    def put_response(self, transport: MessageTransport, response_queue_id: int, uid: str,
+                     response_data, status: LitAPIStatus, response_type: LoopResponseType
+                     ) -> None:
+        late = time.monotonic() - self._deadlines.get(uid, float("inf"))
+        if status == LitAPIStatus.OK and late > 0:
+            # Its HTTP handler answered 504 at the deadline: nobody waits for this result.
+            logger.info("request %s finished %.1f s after its deadline; result discarded", uid,
+                        late)
+            return
+        super().put_response(transport, response_queue_id, uid, response_data, status,
+                             response_type)
 
     def __call__(self, *args, **kwargs) -> None:
         # The main process stops workers (after the HTTP processes have drained) with a sentinel
@@ -88,21 +150,20 @@ class BlockingBatchedLoop(BatchedLoop):
         logging.shutdown()
         os._exit(0)
 
-    def _admit(self, lit_api: ls.LitAPI, items: list, transport: MessageTransport
-               ) -> tuple[list, list]:
-        payloads, timed_out = [], []
-        for item in items:
-            if item == _SENTINEL_VALUE:
-                raise _StopLoopError()
-            response_queue_id, uid, timestamp, job = item
-            self.put_response(transport, response_queue_id, uid, (), LitAPIStatus.START,
-                              LoopResponseType.REGULAR)
-            waited = time.monotonic() - timestamp
-            if lit_api.request_timeout not in (-1, False) and waited > lit_api.request_timeout:
-                timed_out.append((response_queue_id, uid))
-            else:
-                payloads.append((response_queue_id, uid, job))
-        return payloads, timed_out
+
+def _take(lit_api: "RadioAPI", queued: Queued) -> bool:
+    """Claim a queued request for the batch; False (it is dropped unrun) when nobody waits."""
+    if time.monotonic() >= queued.timestamp + lit_api.request_timeout:
+        # Left unclaimed: its HTTP handler answers 504 at the deadline and takes the ticket
+        # back itself, so that the request is counted once, as never run.
+        logger.info("%s: dropped request %s: its deadline passed in the queue",
+                    lit_api.api_path, queued.uid)
+        return False
+    if not lit_api.slots.claim(queued.job.ticket):
+        logger.info("%s: dropped request %s: its HTTP handler stopped waiting (deadline, or "
+                    "the client left)", lit_api.api_path, queued.uid)
+        return False
+    return True
 
 
 class RadioAPI(ls.LitAPI):
@@ -114,7 +175,7 @@ class RadioAPI(ls.LitAPI):
     def __init__(self, spec: ModelSpec, max_batch_size: int, batch_timeout: float,
                  precision: str = "auto", require_cuda: bool = False, log_level: str = "info",
                  threads: int = 0, warmup_size: Optional[tuple[int, int]] = None,
-                 budget: BudgetPolicy = UNBOUNDED):
+                 budget: BudgetPolicy = UNBOUNDED, max_queue: Optional[int] = None):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          api_path=f"/{self.name}", loop=BlockingBatchedLoop())
         self.model_spec, self.precision, self.require_cuda = spec, precision, require_cuda
@@ -122,6 +183,10 @@ class RadioAPI(ls.LitAPI):
         self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
         self.worker_info: Optional[dict] = None  # a manager dict the server attaches, for /info
         self.budget_megapixels = float("inf")  # set by setup, from the timed warm-up
+        self.seconds_per_megapixel = 0.0  # likewise
+        # Made here, in the main process: the HTTP processes fork with it, the workers get it
+        # pickled at spawn.
+        self.slots = QueueSlots(max_queue or default_queue(max_batch_size, 1))
 
     def setup(self, device: str) -> None:
         configure_logging(self.log_level)  # a spawned worker starts with no logging set up
@@ -129,7 +194,7 @@ class RadioAPI(ls.LitAPI):
             torch.set_num_threads(self.threads)
         self.backend = load_backend(self.model_spec, device, self.precision, self.require_cuda,
                                     self.threads)
-        rate = self._seconds_per_megapixel()
+        rate = self.seconds_per_megapixel = self._seconds_per_megapixel()
         self._set_budget(rate)
         described = {**self.backend.describe(), "endpoint": self.api_path, "pid": os.getpid(),
                      "seconds_per_megapixel": rate, "budget_megapixels": self.budget_megapixels}
@@ -260,12 +325,6 @@ class ReconstructAPI(RadioAPI):
         return _split(maps.numpy(), jobs)
 
 
-def _item_cost(lit_api: RadioAPI, item: tuple) -> float:
-    """The cost of a queued (response queue, uid, timestamp, job) item; 0 for the sentinel."""
-    job = item[3]
-    return 0.0 if job is None else lit_api.job_cost(job)
-
-
 def _groups_by_shape(jobs: list[Job]) -> list[list[int]]:
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
@@ -283,5 +342,5 @@ def build_apis(spec: ModelSpec, settings: Settings) -> list[RadioAPI]:
     budget = BudgetPolicy.of(settings)
     return [cls(spec, settings.max_batch_size, settings.batch_timeout, settings.precision,
                 settings.device == "cuda", settings.log_level, settings.threads,
-                settings.resolution, budget=budget)
+                settings.resolution, budget=budget, max_queue=settings.queue_capacity)
             for cls in (EncodeAPI, DecodeAPI, ReconstructAPI)]

@@ -1,9 +1,12 @@
 """The LitServer: three LitAPIs (/encode, /decode, /reconstruct), /health, /info, /metrics.
 
 `RadioDiffServer` subclasses litserve 0.2.19's LitServer (pinned in pyproject.toml) and
-replaces four of its steps:
+replaces five of its steps:
 - routes: payloads are decoded and validated in the HTTP process (server/routes.py), so a bad
   request never reaches a worker, where one failure would fail every request batched with it;
+- request handling: a request waits for its answer until its deadline or until its client
+  goes away, not indefinitely (QueuedRequestHandler; the policy is in server/queueing.py and
+  server/routes.py);
 - internal endpoints: /health (ready once every worker has loaded the model and run a
   warm-up), /info (model, shapes, limits, request budgets, provider per worker, versions),
   /metrics;
@@ -14,27 +17,32 @@ replaces four of its steps:
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import multiprocessing as mp
 import platform
 import signal
 import threading
 from importlib import metadata
-from typing import Optional
+from collections.abc import Awaitable, Callable
+from typing import Any, Optional
 
 import litserve as ls
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from litserve.callbacks.base import EventTypes
 from litserve.loops.base import _SENTINEL_VALUE
 from litserve.server import RegularRequestHandler
-from litserve.utils import WorkerSetupStatus
+from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.concurrency import run_in_threadpool
 
 from . import metrics
 from .apis import build_apis
 from .budget import BudgetPolicy, budget_report
 from .logs import LOGGER
+from .payloads import Job
 from .protocol import OPERATIONS
+from .queueing import Abandoned, QueueSlots
 from .routes import (Context, MetricsMiddleware, add_operation_route, authorize,
                      install_error_handlers)
 from .settings import Settings, resolve_accelerator
@@ -69,7 +77,7 @@ class RadioDiffServer(ls.LitServer):
 
     def _register_api_endpoints(self, lit_api, request_type, response_type) -> None:
         op = OPERATIONS[lit_api.api_path.strip("/")]
-        add_operation_route(self.app, op, RegularRequestHandler(lit_api, self), self.context)
+        add_operation_route(self.app, op, QueuedRequestHandler(lit_api, self), self.context)
 
     def _register_internal_endpoints(self) -> None:
         self.app.add_api_route("/health", self._health, methods=["GET"],
@@ -157,8 +165,57 @@ class RadioDiffServer(ls.LitServer):
         return list(self.worker_info.values())
 
     async def _metrics(self) -> Response:
-        content, media_type = await run_in_threadpool(metrics.render)
+        depths = {api.api_path: api.slots.waiting()[0] for api in self.litapi_connector}
+        content, media_type = await run_in_threadpool(metrics.render, depths)
         return Response(content, media_type=media_type)
+
+
+class QueuedRequestHandler(RegularRequestHandler):
+    """litserve's handler of one endpoint, except that the wait for the worker's answer ends
+    at the request's deadline or when its client goes away, whichever comes first."""
+
+    @property
+    def slots(self) -> QueueSlots:
+        return self.lit_api.slots
+
+    @property
+    def timeout(self) -> float:
+        return self.lit_api.request_timeout
+
+    async def answer(self, job: Job, gone: Callable[[], Awaitable[None]]) -> Any:
+        """Queue `job` and return the worker's result; raises the worker's HTTPException, or
+        Abandoned when the deadline passes or `gone()` returns first."""
+        uid, _ = await self._submit_request(job)
+        answered = asyncio.Event()
+        self.server.response_buffer[uid] = ResponseBufferItem(answered)
+        try:
+            abandoned = await _first_of(answered, gone, self.timeout)
+        finally:
+            item = self.server.response_buffer.pop(uid)  # a late answer finds no entry: dropped
+        if abandoned:
+            raise Abandoned(abandoned)
+        response, status = item.response
+        if status == LitAPIStatus.ERROR:
+            self._handle_error_response(response)
+        self.server._callback_runner.trigger_event(EventTypes.ON_RESPONSE.value,
+                                                   litserver=self.server)
+        return response
+
+
+async def _first_of(answered: asyncio.Event, gone: Callable[[], Awaitable[None]],
+                    timeout: float) -> Optional[str]:
+    """None once `answered` is set; 'disconnected' when `gone()` returns first; 'deadline'
+    after `timeout` seconds."""
+    answer, left = asyncio.ensure_future(answered.wait()), asyncio.ensure_future(gone())
+    try:
+        done, _ = await asyncio.wait((answer, left), timeout=timeout,
+                                     return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        answer.cancel()
+        left.cancel()
+    if answered.is_set():
+        return None
+    return "disconnected" if left in done else "deadline"
 
 
 def info_document(settings: Settings, ctx: Context, workers: list[dict]) -> dict:

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Optional
 
+from . import metrics
 from .protocol import RequestError
 from .settings import Settings
 
@@ -57,6 +58,7 @@ def check_cost(path: str, count: int, hw: tuple[int, int], factor: int,
     if cost <= budget:
         return
     h, w = int(hw[0]) * factor, int(hw[1]) * factor
+    metrics.reject(path, "over_budget")
     raise RequestError(
         413, f"{path}: this request costs {cost:.4g} megapixels of compute ({count} x {h}x{w} "
              f"output maps) and the per-request budget is {budget:.4g} megapixels (GET /info: "

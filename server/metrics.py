@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import os
 
+from collections.abc import Mapping
+
 from prometheus_client import (CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Counter, Gauge,
                                Histogram, generate_latest, multiprocess)
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from .settings import METRICS_DIR_ENV
 
@@ -32,6 +36,35 @@ BATCH_REQUESTS = Histogram("radiodiff_batch_requests", "Requests merged into one
 BATCH_SIZE = Histogram("radiodiff_batch_size", "Maps (or latents) per forward pass",
                        ["endpoint"], buckets=SIZE_BUCKETS)
 MAPS = Counter("radiodiff_maps_processed", "Maps (or latents) processed", ["endpoint"])
+REJECTION_REASONS = ("over_budget", "queue_full", "deadline", "deadline_running",
+                     "deadline_unreachable", "disconnected")  # docs/server.md says what each is
+REJECTIONS = Counter("radiodiff_rejections", "Requests refused or given up on, by endpoint and "
+                     f"reason ({', '.join(REJECTION_REASONS)})", ["endpoint", "reason"])
+
+
+def reject(endpoint: str, reason: str) -> None:
+    REJECTIONS.labels(endpoint, reason).inc()
+
+
+def expose_rejections(endpoint: str) -> None:
+    """Publish `endpoint`'s rejection counters at 0, so that they exist before the first."""
+    for reason in REJECTION_REASONS:
+        REJECTIONS.labels(endpoint, reason)
+
+
+class _QueueDepth(Collector):
+    """The requests waiting per endpoint, read from the shared queue at scrape time (a gauge
+    that each process set would be stale as soon as another process changed the queue)."""
+
+    def __init__(self, depths: Mapping[str, int]):
+        self.depths = depths
+
+    def collect(self):
+        family = GaugeMetricFamily("radiodiff_queue_depth", "Requests admitted and waiting for "
+                                   "an inference worker", labels=["endpoint"])
+        for endpoint, depth in sorted(self.depths.items()):
+            family.add_metric([endpoint], depth)
+        yield family
 
 
 def mark_process_dead(pid: int) -> None:
@@ -40,11 +73,14 @@ def mark_process_dead(pid: int) -> None:
         multiprocess.mark_process_dead(pid)
 
 
-def render() -> tuple[bytes, str]:
-    """The Prometheus text exposition of every process's metrics, and its content type."""
+def render(queue_depths: Mapping[str, int]) -> tuple[bytes, str]:
+    """The Prometheus text exposition of every process's metrics and of the queue depths, and
+    its content type."""
     if os.environ.get(METRICS_DIR_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
     else:
         registry = REGISTRY
-    return generate_latest(registry), CONTENT_TYPE_LATEST
+    queues = CollectorRegistry()
+    queues.register(_QueueDepth(queue_depths))
+    return generate_latest(registry) + generate_latest(queues), CONTENT_TYPE_LATEST

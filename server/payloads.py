@@ -20,6 +20,7 @@ from model.io import (RadioMapError, RadioMapTooLarge, check_map, decode_npy, de
 
 from .budget import check_cost
 from .protocol import JSON, NPY, PNG, Operation, Options, RequestError
+from .queueing import Ticket
 from .spec import Limits, ModelSpec
 
 Layout = Literal["hw", "chw", "nchw"]
@@ -35,6 +36,7 @@ class Job:
     mode: str = "mean"
     seed: Optional[int] = None
     scaled: bool = False
+    ticket: Optional[Ticket] = None  # its place in the endpoint's queue (server/queueing.py)
 
 
 @dataclass

@@ -4,7 +4,9 @@ Everything a client can get wrong is checked here, in the HTTP process, in the o
 costs the server least: key (401), query (422), Content-Type (415), Accept (406), declared
 length (413, before any byte of the body is read), streamed length (413), then the payload
 itself (400 / 413 / 422), its compute cost against the request budget (413, before any resize;
-server/budget.py). Only a valid job within budget reaches an inference worker.
+server/budget.py), room in its endpoint's queue (429). Only a valid job within budget reaches an
+inference worker, and its answer is awaited until its deadline (504) or its client's departure
+(server/queueing.py).
 """
 from __future__ import annotations
 
@@ -12,23 +14,23 @@ import hmac
 import logging
 import re
 import time
-from dataclasses import dataclass
-from http import HTTPStatus
 from collections.abc import Callable
-from typing import Optional
+from dataclasses import dataclass, replace
+from http import HTTPStatus
+from typing import Any, Optional, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-from litserve.server import RegularRequestHandler
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
-from .budget import endpoint_budget
+from .budget import cost_megapixels, endpoint_budget
 from .logs import LOGGER
 from .payloads import Job, check_deliverable, decode_body, encode_result
+from .queueing import Abandoned, QueueSlots, retry_after
 from .protocol import (JSON, MAX_SEED, NPY, PNG, Operation, RequestError, check_content_type,
                        negotiate, parse_options)
 from .spec import Limits, ModelSpec
@@ -36,6 +38,14 @@ from .spec import Limits, ModelSpec
 logger = logging.getLogger(LOGGER)
 ENDPOINTS = ("/encode", "/decode", "/reconstruct", "/health", "/info", "/metrics")
 _OBJECT_REPR = re.compile(r"<([\w.]+)[^<>]* at 0x[0-9a-fA-F]+>")
+
+
+class Handler(Protocol):
+    """How a route reaches its endpoint's workers (server/app.py's QueuedRequestHandler)."""
+    slots: QueueSlots
+    timeout: float
+
+    async def answer(self, job: Job, gone: Callable[[], Any]) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -125,8 +135,7 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-async def serve(request: Request, op: Operation, handler: RegularRequestHandler,
-                ctx: Context) -> Response:
+async def serve(request: Request, op: Operation, handler: Handler, ctx: Context) -> Response:
     authorize(request, ctx.api_key)
     options = parse_options(op, request.query_params)
     kind = check_content_type(op, request.headers.get("content-type"))
@@ -137,14 +146,67 @@ async def serve(request: Request, op: Operation, handler: RegularRequestHandler,
                                       budget)
     check_deliverable(answer, len(payload.array))
     job = Job(payload.array, options.mode, options.seed, options.scaled)
-    result = await handler.handle_request(job, Job)
+    result = await dispatch(request, op, handler, ctx, job)
     content = await run_in_threadpool(encode_result, result, payload.layout, op, answer,
                                       options.bits)
     return Response(content, media_type=answer)
 
 
-def add_operation_route(app: FastAPI, op: Operation, handler: RegularRequestHandler,
-                        ctx: Context) -> None:
+async def dispatch(request: Request, op: Operation, handler: Handler, ctx: Context,
+                   job: Job) -> Any:
+    """Queue `job` and return its result: 429 when the queue is full, 504 at the deadline, 499
+    (nobody reads it) when the client left. Counts every rejection (server/metrics.py)."""
+    path = op.path
+    factor = 1 if op.takes == "map" else ctx.spec.downsample_factor
+    ticket = handler.slots.take(cost_megapixels(len(job.x), job.x.shape[-2:], factor))
+    if ticket is None:
+        raise await _queue_full(path, handler, ctx)
+    try:
+        return await handler.answer(replace(job, ticket=ticket),
+                                    lambda: client_gone(request.receive))
+    except Abandoned as err:
+        abandoned = err.reason
+    except StarletteHTTPException as err:  # a worker's 504: its batch would end too late
+        if err.status_code == 504:
+            metrics.reject(path, "deadline_unreachable")
+        raise
+    finally:
+        never_run = handler.slots.claim(ticket)  # False: a worker took it (or already answered)
+    raise _abandoned(path, abandoned, never_run, handler.timeout)
+
+
+async def _queue_full(path: str, handler: Handler, ctx: Context) -> RequestError:
+    metrics.reject(path, "queue_full")
+    waiting, queued = handler.slots.waiting()
+    seconds = retry_after(await run_in_threadpool(ctx.workers), path, queued)
+    return RequestError(429, f"{path}: the queue is full ({waiting} requests wait, --max-queue "
+                             f"{handler.slots.capacity}); retry in about {seconds} s",
+                        headers={"Retry-After": str(seconds)})
+
+
+def _abandoned(path: str, reason: str, never_run: bool, timeout: float) -> RequestError:
+    """Count a request its handler stopped waiting for; its 504 (or 499)."""
+    if reason == "disconnected":
+        if never_run:  # a worker that meets it drops it; a running batch is not interrupted
+            metrics.reject(path, reason)
+        return RequestError(499, f"{path}: the client closed the connection before the answer")
+    metrics.reject(path, "deadline" if never_run else "deadline_running")
+    where = ("it was still queued, and will not run" if never_run else
+             "its batch was still running; its result will be discarded")
+    return RequestError(504, f"{path}: no answer within the request deadline (--timeout "
+                             f"{timeout:g} s): {where}. The server is busy: retry later, or "
+                             "send a smaller request")
+
+
+async def client_gone(receive: Receive) -> None:
+    """Return once the client has closed the connection. Called after the body was read, when
+    the only message left to receive is the disconnect."""
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
+def add_operation_route(app: FastAPI, op: Operation, handler: Handler, ctx: Context) -> None:
+    metrics.expose_rejections(op.path)
     async def endpoint(request: Request) -> Response:
         return await serve(request, op, handler, ctx)
 
@@ -249,10 +311,20 @@ def _responses(op: Operation) -> dict:
                    "fewer maps or a smaller ?resize=)",
               415: "unsupported Content-Type",
               422: "wrong dtype, shape, size, NaN/Inf, values or query option",
+              429: "the endpoint's queue is full (--max-queue); nothing was queued: retry after "
+                   "Retry-After seconds",
               503: "the endpoint's worker is still warming up (Retry-After)",
-              504: "no worker took the request within --timeout"}
+              504: "no answer within the deadline (--timeout from queueing): the request was "
+                   "dropped unrun, not started because its batch would end too late, or its "
+                   "batch was still running (its result is discarded)"}
     responses: dict = {200: {"description": "the result", "content": ok}}
     for status, text in errors.items():
         responses[status] = {"description": text,
                              "model": TooLargeBody if status == 413 else ErrorBody}
+        if status in (429, 503):
+            responses[status]["headers"] = {"Retry-After": _RETRY_AFTER}
     return responses
+
+
+_RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer",
+                                                                             "minimum": 1}}

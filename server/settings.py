@@ -8,6 +8,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from .queueing import default_queue
+
 ENV_PREFIX = "RADIODIFF_"
 METRICS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's multiprocess directory
 
@@ -25,6 +27,7 @@ class Settings:
     max_batch_size: int = 16
     batch_timeout: float = 0.01
     timeout: float = 30.0
+    max_queue: Optional[int] = None  # None: server/queueing.py's default_queue
     max_body_mb: float = 64.0
     max_pixels: int = 512 * 512
     max_request_maps: int = 64
@@ -39,6 +42,11 @@ class Settings:
     @property
     def max_body_bytes(self) -> int:
         return int(self.max_body_mb * 1024 * 1024)
+
+    @property
+    def queue_capacity(self) -> int:
+        """Requests that may wait per endpoint: --max-queue, else the default."""
+        return self.max_queue or default_queue(self.max_batch_size, self.workers_per_device)
 
 
 def resolve_accelerator(device: str) -> str:
@@ -122,7 +130,11 @@ def _parser() -> argparse.ArgumentParser:
     add("--batch-timeout", type=_non_negative_float,
         help=f"seconds a batch waits to fill {_default('batch_timeout')}")
     add("--timeout", type=_positive_float,
-        help=f"seconds a request may wait for a worker before a 504 {_default('timeout')}")
+        help="seconds from queueing to answer: a request not answered by then gets 504 (still "
+             f"queued: it never runs; running: its result is discarded) {_default('timeout')}")
+    add("--max-queue", type=_positive_int, metavar="N",
+        help="requests that may wait per endpoint; more get 429 with Retry-After (default: 2 x "
+             "--max-batch-size x --workers-per-device)")
     add("--max-body-mb", type=_positive_float, help=f"request body limit {_default('max_body_mb')}")
     add("--max-pixels", type=_positive_int, help=f"H*W limit per map {_default('max_pixels')}")
     add("--max-request-maps", type=_positive_int,

@@ -82,10 +82,7 @@ def _log_tail(path: Path) -> str:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("server")
-    torch.manual_seed(0)
-    net = AutoencoderKL.from_config(tiny_model_config())
-    ckpt = save_checkpoint(root / "model-0.pt", {"model": net.state_dict(), "step": 0,
-                                                 "config": {"model": to_dict(tiny_model_config())}})
+    ckpt = save_tiny_checkpoint(root)
     env = {"RADIODIFF_TEST_KEY": KEY, "RADIODIFF_BATCH_TIMEOUT": "0.05",
            "RADIODIFF_MAX_REQUEST_MAPS": str(MAX_MAPS)}
     args = ["--api-key-env", "RADIODIFF_TEST_KEY", "--max-body-mb", "1",
@@ -93,6 +90,14 @@ def server(tmp_path_factory):
             "--max-request-cost", str(MAX_COST)]
     with running_server(root, args, env) as (url, port, proc, log):
         yield Server(url, port, proc, load_autoencoder(ckpt), log)
+
+
+def save_tiny_checkpoint(root: Path) -> Path:
+    """The tiny test model, untrained (seed 0), as root/model-0.pt."""
+    torch.manual_seed(0)
+    net = AutoencoderKL.from_config(tiny_model_config())
+    return save_checkpoint(root / "model-0.pt", {"model": net.state_dict(), "step": 0,
+                                                 "config": {"model": to_dict(tiny_model_config())}})
 
 
 @contextmanager

@@ -12,14 +12,9 @@ import time
 import numpy as np
 import pytest
 import requests
-import torch
 
-from model.autoencoder import AutoencoderKL
-from model.checkpoint import save_checkpoint
-from model.config import to_dict
 from model.io import encode_npy
-from tests.conftest import tiny_model_config
-from tests.test_server import NPY, running_server
+from tests.test_server import NPY, running_server, save_tiny_checkpoint
 
 TIMEOUT = 5.0
 MAX_SIDE, MAX_MAPS = 1024, 64
@@ -28,10 +23,7 @@ MAX_SIDE, MAX_MAPS = 1024, 64
 @pytest.fixture(scope="module")
 def server_url(tmp_path_factory):
     root = tmp_path_factory.mktemp("budget")
-    torch.manual_seed(0)
-    net = AutoencoderKL.from_config(tiny_model_config())
-    save_checkpoint(root / "model-0.pt", {"model": net.state_dict(), "step": 0,
-                                          "config": {"model": to_dict(tiny_model_config())}})
+    save_tiny_checkpoint(root)
     args = ["--timeout", str(TIMEOUT), "--max-pixels", str(MAX_SIDE * MAX_SIDE),
             "--max-request-maps", str(MAX_MAPS), "--max-body-mb", "8"]
     with running_server(root, args, {}) as (url, *_):

@@ -23,6 +23,7 @@ from server.apis import DecodeAPI, EncodeAPI, ReconstructAPI
 from server.budget import BudgetPolicy
 from server.payloads import Job, decode_body
 from server.protocol import OPERATIONS, Options, RequestError, negotiate, parse_options
+from server.queueing import QueueSlots, retry_after
 from server.routes import error_response
 from server.settings import Settings, parse_settings
 from server.spec import ModelSourceError, describe_model, limits_of
@@ -175,3 +176,23 @@ def test_onnx_backend_serves_an_export_like_the_model(export_dir, checkpoint):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
     (got,) = decode.predict([Job(want_z[1].numpy())])
     np.testing.assert_allclose(got, want_maps[1].numpy(), atol=1e-4)
+
+
+def test_queue_slots_bound_the_queue_and_hand_each_ticket_back_once():
+    slots = QueueSlots(2)
+    first, second = slots.take(0.5), slots.take(0.25)
+    assert slots.take(1.0) is None and slots.waiting() == (2, 0.75)
+    assert slots.claim(first) and not slots.claim(first)  # the worker or the handler, not both
+    third = slots.take(1.0)
+    assert third is not None and third.slot == first.slot and not slots.claim(first)
+    assert slots.waiting() == (2, 1.25)
+    assert parse_settings(["--model", "m", "--max-batch-size", "4"], {}).queue_capacity == 8
+    assert parse_settings(["--model", "m", "--max-queue", "3"], {}).queue_capacity == 3
+
+
+def test_retry_after_is_the_queued_work_at_the_slowest_measured_speed():
+    workers = [{"endpoint": "/decode", "seconds_per_megapixel": 10.0},
+               {"endpoint": "/decode", "seconds_per_megapixel": 20.0},
+               {"endpoint": "/encode", "seconds_per_megapixel": 99.0}]
+    assert retry_after(workers, "/decode", 0.25) == 3  # 20 s/MP x 0.25 MP over 2 workers
+    assert retry_after(workers, "/decode", 0.0) == 1 and retry_after([], "/decode", 5.0) == 1
