@@ -1,6 +1,7 @@
 """The LitServer: three LitAPIs (/encode, /decode, /reconstruct), /health, /info, /metrics.
 
-`RadioDiffServer` subclasses litserve 0.2.19's LitServer (pinned in pyproject.toml) and
+`RadioDiffServer` subclasses litserve 0.2.19's LitServer (pinned in pyproject.toml; every private
+litserve name used is listed in server/litserve_private.py and checked by a test) and
 replaces five of its steps:
 - routes: payloads are decoded and validated in the HTTP process (server/routes.py), so a bad
   request never reaches a worker, where one failure would fail every request batched with it;
