@@ -2,7 +2,7 @@
 PY ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-gpu test test-reliability quickstart
+.PHONY: install install-gpu test test-diffusers test-reliability quickstart
 
 # torch first, so the project's own `torch>=2.13,<2.14` is already met: the CPU build from the
 # PyTorch CPU index where it is reachable (scripts/install.sh says what happens where not)
@@ -14,6 +14,10 @@ install-gpu:
 
 test:
 	$(PY) -m pytest -q -m "not reliability"
+
+# diffusers parity in its own venv without torchvision (scripts/test-diffusers.sh says why)
+test-diffusers:
+	PY=$(PY) bash scripts/test-diffusers.sh
 
 # nginx + two real server replicas on loopback: load, faults, fuzz (~4 min on 2 cores; needs nginx)
 test-reliability:

@@ -2,7 +2,8 @@
 # `make install`: torch, then the project with EXTRAS. On a CPU machine torch (and torchvision,
 # which lpips pulls) come as CPU builds from the PyTorch CPU index when that index is
 # reachable; otherwise from pip's configured index, saying what that means. `--gpu`: pip's
-# default resolution (the CUDA build on Linux x86_64). `--dry-run`: print the pip commands only.
+# default resolution (the CUDA build on Linux x86_64). `--torch-only`: torch alone.
+# `--dry-run`: print the pip commands only.
 # Environment: PY (python, default python3), TORCH (requirement, default torch==2.13.0),
 # EXTRAS (default cpu,dev), TORCH_CPU_INDEX (default https://download.pytorch.org/whl/cpu).
 set -euo pipefail
@@ -10,12 +11,13 @@ PY=${PY:-python3}
 TORCH=${TORCH:-torch==2.13.0}
 EXTRAS=${EXTRAS:-cpu,dev}
 CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-gpu=0 dry=0
+gpu=0 dry=0 torch_only=0
 for arg in "$@"; do
   case $arg in
     --gpu) gpu=1 ;;
     --dry-run) dry=1 ;;
-    *) echo "install.sh: unknown option $arg (expected --gpu, --dry-run)" >&2; exit 2 ;;
+    --torch-only) torch_only=1 ;;
+    *) echo "install.sh: unknown option $arg (expected --gpu, --torch-only, --dry-run)" >&2; exit 2 ;;
   esac
 done
 reachable() {  # the index answers within 5 s (a closed network fails at once or times out)
@@ -37,6 +39,7 @@ else
 fi
 torch_cmd=("$PY" -m pip install -q "$TORCH" "${index[@]}")
 project_cmd=("$PY" -m pip install -q -e ".[$EXTRAS]" "${index[@]}")
+[ $torch_only = 1 ] && project_cmd=(true)
 if [ $dry = 1 ]; then printf '%s\n' "${torch_cmd[*]}" "${project_cmd[*]}"; exit 0; fi
 "${torch_cmd[@]}"
 "${project_cmd[@]}"

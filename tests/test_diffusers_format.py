@@ -1,5 +1,6 @@
 """`--format diffusers`: a diffusers AutoencoderKL folder with our weights under diffusers' names."""
 import json
+import os
 
 import pytest
 import torch
@@ -95,5 +96,7 @@ def test_diffusers_encode_decode_equal_ours(tmp_path):
     try:
         errs = diffusers_parity(tmp_path, ae, images)
     except DiffusersUnavailable as err:
-        pytest.skip(str(err))
+        if os.environ.get("RADIODIFF_DIFFUSERS_REQUIRED"):  # `make test-diffusers` sets it
+            pytest.fail(str(err))
+        pytest.skip(f"{err}; `make test-diffusers` runs this in a venv without torchvision")
     assert max(errs.values()) < 1e-4, errs
