@@ -2,9 +2,10 @@
 
 Requests arrive already decoded and validated (server/payloads.py, in the HTTP process), as
 `Job`s. A worker merges up to max_batch_size of them, and no more than its request budget's
-worth of compute (server/budget.py); `predict` groups the merged jobs by map shape, runs each
-group through the backend in forward passes of at most max_batch_size maps, and splits the
-results back per job, so a request's answer does not depend on its neighbours.
+worth of compute (server/budget.py); `predict` groups the merged jobs by map shape and tiling
+(a tiled job runs through its tiles, the others whole), runs each group through the backend in
+forward passes of at most max_batch_size maps, and splits the results back per job, so a
+request's answer does not depend on its neighbours.
 """
 from __future__ import annotations
 
@@ -26,6 +27,7 @@ from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPExcepti
 
 from model.distributions import DiagonalGaussianDistribution
 from model.io import from_model, to_model
+from runtime.tiling import Tiler
 
 from . import metrics
 from .backends import load_backend
@@ -208,7 +210,7 @@ class RadioAPI(ls.LitAPI):
 
     def job_cost(self, job: Job) -> float:
         """Megapixels of output maps (server/budget.py)."""
-        return cost_megapixels(len(job.x), job.x.shape[-2:], self.factor)
+        return cost_megapixels(len(job.x), job.x.shape[-2:], self.factor, job.tiler)
 
     def _warmup_cost(self) -> float:
         return self.job_cost(self.warmup_job())
@@ -257,6 +259,7 @@ class RadioAPI(ls.LitAPI):
         return output  # encoded for the client's Accept by the HTTP process
 
     def run(self, jobs: list[Job]) -> list[np.ndarray]:
+        """The results of `jobs`, which share a shape and a tiler (predict groups them)."""
         raise NotImplementedError
 
     def _observe_forward_passes(self, n: int) -> None:
@@ -266,16 +269,19 @@ class RadioAPI(ls.LitAPI):
     def _slices(self, n: int):
         return (slice(s, s + self.max_batch_size) for s in range(0, n, self.max_batch_size))
 
-    def _encode(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        parts = [self.backend.encode(maps[s]) for s in self._slices(len(maps))]
+    def _encode(self, maps: torch.Tensor, tiler: Optional[Tiler]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        parts = [self.backend.encode(maps[s], tiler) for s in self._slices(len(maps))]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self.backend.decode(latents[s]) for s in self._slices(len(latents))])
+    def _decode(self, latents: torch.Tensor, tiler: Optional[Tiler]) -> torch.Tensor:
+        return torch.cat([self.backend.decode(latents[s], tiler)
+                          for s in self._slices(len(latents))])
 
     def _latents(self, jobs: list[Job]) -> list[torch.Tensor]:
         """Per job: the posterior mean, or a sample drawn with the job's own seeded generator."""
-        mean, logvar = self._encode(to_model(np.concatenate([job.x for job in jobs])))
+        mean, logvar = self._encode(to_model(np.concatenate([job.x for job in jobs])),
+                                    jobs[0].tiler)
         latents, start = [], 0
         for job in jobs:
             part = slice(start, start + len(job.x))
@@ -314,21 +320,22 @@ class DecodeAPI(RadioAPI):
         scale = self.model_spec.scale_factor
         latents = torch.cat([torch.from_numpy(job.x / scale if job.scaled else job.x)
                              for job in jobs])
-        return _split(from_model(self._decode(latents)).numpy(), jobs)
+        return _split(from_model(self._decode(latents, jobs[0].tiler)).numpy(), jobs)
 
 
 class ReconstructAPI(RadioAPI):
     name = "reconstruct"
 
     def run(self, jobs: list[Job]) -> list[np.ndarray]:
-        maps = from_model(self._decode(torch.cat(self._latents(jobs))))
+        maps = from_model(self._decode(torch.cat(self._latents(jobs)), jobs[0].tiler))
         return _split(maps.numpy(), jobs)
 
 
 def _groups_by_shape(jobs: list[Job]) -> list[list[int]]:
+    """Indices of the jobs that run together: the same map shape and the same tiler."""
     groups: dict[tuple, list[int]] = defaultdict(list)
     for i, job in enumerate(jobs):
-        groups[job.x.shape[1:]].append(i)
+        groups[job.x.shape[1:], job.tiler].append(i)
     return list(groups.values())
 
 

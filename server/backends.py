@@ -1,13 +1,16 @@
 """Inference backends behind one interface: torch (from a checkpoint), onnxruntime (from an export).
 
 Both take and give CPU float32 tensors in the network's conventions: maps in [-1, 1]
-[N, 1, H, W], posterior moments and latents [N, z, H/f, W/f].
+[N, 1, H, W], posterior moments and latents [N, z, H/f, W/f]. Both run a call through
+overlapping, blended tiles when given a `Tiler` (runtime/tiling.py), for that call only.
 """
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Protocol
+from typing import Optional, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +18,7 @@ import torch
 from model.checkpoint import load_autoencoder
 from model.config import ModelConfig, from_dict
 from runtime.inference import prepare_for_inference
+from runtime.tiling import Tiler
 
 from .logs import LOGGER
 from .spec import ModelSpec
@@ -23,10 +27,11 @@ logger = logging.getLogger(LOGGER)
 
 
 class Backend(Protocol):
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode(self, x: torch.Tensor, tiler: Optional[Tiler] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Maps [N, 1, H, W] in [-1, 1] -> posterior (mean, logvar) [N, z, h, w]."""
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
+    def decode(self, z: torch.Tensor, tiler: Optional[Tiler] = None) -> torch.Tensor:
         """Latents [N, z, h, w] -> maps [N, 1, H, W] in the network's [-1, 1] range."""
 
     def describe(self) -> dict[str, str]:
@@ -44,12 +49,27 @@ class TorchBackend:
         options = {} if precision == "auto" else {"precision": precision}
         self.model = prepare_for_inference(model, device, **options)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        posterior = self.model.encode(x)
+    def encode(self, x: torch.Tensor, tiler: Optional[Tiler] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        with self._tiling(tiler):
+            posterior = self.model.encode(x)
         return posterior.mean.cpu(), posterior.logvar.cpu()
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        return self.model.decode(z).cpu()
+    def decode(self, z: torch.Tensor, tiler: Optional[Tiler] = None) -> torch.Tensor:
+        with self._tiling(tiler):
+            return self.model.decode(z).cpu()
+
+    @contextmanager
+    def _tiling(self, tiler: Optional[Tiler]) -> Iterator[None]:
+        """InferenceModel.enable_tiling for the duration of one call (nothing without a tiler)."""
+        if tiler is None:
+            yield
+            return
+        self.model.enable_tiling(tiler.tile, tiler.overlap)
+        try:
+            yield
+        finally:
+            self.model.disable_tiling()
 
     def describe(self) -> dict[str, str]:
         return {"backend": "torch", "provider": f"torch {torch.__version__}",
@@ -85,17 +105,33 @@ class OnnxBackend:
             self.device = "cpu"
         logger.info("onnxruntime provider in use: %s", self.provider)
 
-    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        mean, logvar = self.encoder.run(["mean", "logvar"], {"image": x.numpy()})
+    def encode(self, x: torch.Tensor, tiler: Optional[Tiler] = None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if tiler is None:
+            return self._moments(x)
+        # The tiles' moments are blended as InferenceModel blends them: mean and logvar alike.
+        moments = tiler.encode(lambda t: torch.cat(self._moments(t), 1), x)
+        return tuple(moments.chunk(2, dim=1))
+
+    def decode(self, z: torch.Tensor, tiler: Optional[Tiler] = None) -> torch.Tensor:
+        return tiler.decode(self._image, z) if tiler else self._image(z)
+
+    def _moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean, logvar = self.encoder.run(["mean", "logvar"], {"image": _array(x)})
         return _tensor(mean), _tensor(logvar)
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        (image,) = self.decoder.run(["image"], {"latent": z.numpy()})
+    def _image(self, z: torch.Tensor) -> torch.Tensor:
+        (image,) = self.decoder.run(["image"], {"latent": _array(z)})
         return _tensor(image)
 
     def describe(self) -> dict[str, str]:
         return {"backend": "onnx", "provider": self.provider, "device": self.device,
                 "precision": self.precision}
+
+
+def _array(t: torch.Tensor) -> np.ndarray:
+    """`t` as a C-contiguous float32 array (a tile, a strided view of its map, is copied)."""
+    return np.ascontiguousarray(t.numpy(), dtype=np.float32)
 
 
 def _tensor(a: np.ndarray) -> torch.Tensor:

@@ -2,8 +2,9 @@
 
 A request's cost is the map-resolution pixels it pushes through the network, in megapixels:
 maps x H x W of the maps after ?resize= (/encode, /reconstruct), or latents x h x w x f^2 of
-the maps they decode to (/decode). Each inference worker times its endpoint once at start
-(the warm-up), giving seconds per megapixel; the budget is the cost that fits in
+the maps they decode to (/decode); a tiled request computes its tiles, so it costs maps x
+tiles x tile pixels (overlaps counted as often as they are computed). Each inference worker
+times its endpoint once at start (the warm-up), giving seconds per megapixel; the budget is the cost that fits in
 BUDGET_FRACTION of the request deadline (--timeout) at that speed, unless --max-request-cost
 sets it. The HTTP processes refuse an over-budget request with 413 before it is queued, and a
 worker forms its batches under the same budget (server/apis.py).
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from . import metrics
+from runtime.tiling import Tiler
+
 from .protocol import RequestError
 from .settings import Settings
 
@@ -25,9 +28,14 @@ BUDGET_FRACTION = 0.5
 MEGA = 1e6
 
 
-def cost_megapixels(count: int, hw: tuple[int, int], factor: int = 1) -> float:
-    """Map-resolution megapixels of `count` arrays of size `hw` (latents: factor f)."""
-    return count * int(hw[0]) * int(hw[1]) * factor * factor / MEGA
+def cost_megapixels(count: int, hw: tuple[int, int], factor: int = 1,
+                    tiler: Optional[Tiler] = None) -> float:
+    """Map-resolution megapixels of `count` arrays of size `hw` (latents: factor f); run
+    through `tiler`, what its tiles compute: tiles x tile pixels per map."""
+    h, w = int(hw[0]) * factor, int(hw[1]) * factor
+    if tiler is None:
+        return count * h * w / MEGA
+    return count * tiler.count(h, w) * min(h, tiler.tile) * min(w, tiler.tile) / MEGA
 
 
 @dataclass(frozen=True)
@@ -51,18 +59,20 @@ class BudgetPolicy:
 UNBOUNDED = BudgetPolicy(float("inf"))  # no deadline: every request fits (direct use, tests)
 
 
-def check_cost(path: str, count: int, hw: tuple[int, int], factor: int,
-               budget: float) -> None:
-    """413 when `count` arrays of size `hw` cost more than `budget` megapixels."""
-    cost = cost_megapixels(count, hw, factor)
+def check_cost(path: str, count: int, hw: tuple[int, int], factor: int, budget: float,
+               tiler: Optional[Tiler] = None) -> None:
+    """413 when `count` arrays of size `hw` (through `tiler`) cost more than `budget`
+    megapixels."""
+    cost = cost_megapixels(count, hw, factor, tiler)
     if cost <= budget:
         return
     h, w = int(hw[0]) * factor, int(hw[1]) * factor
+    tiles = f", each computed as {tiler.count(h, w)} tiles of {tiler.tile}" if tiler else ""
     metrics.reject(path, "over_budget")
     raise RequestError(
         413, f"{path}: this request costs {cost:.4g} megapixels of compute ({count} x {h}x{w} "
-             f"output maps) and the per-request budget is {budget:.4g} megapixels (GET /info: "
-             "budget); send fewer maps per request, or a smaller ?resize=",
+             f"output maps{tiles}) and the per-request budget is {budget:.4g} megapixels (GET "
+             "/info: budget); send fewer maps per request, or a smaller ?resize=",
         fields={"cost_megapixels": round(cost, 6), "budget_megapixels": round(budget, 6)})
 
 
@@ -86,6 +96,7 @@ def budget_report(workers: Iterable[dict], policy: BudgetPolicy) -> dict:
         entry["seconds_per_megapixel"] = max(entry["seconds_per_megapixel"],
                                              w["seconds_per_megapixel"])
         entry["budget_megapixels"] = min(entry["budget_megapixels"], w["budget_megapixels"])
-    return {"unit": "megapixels of output maps per request (maps x H x W)",
+    return {"unit": "megapixels of output maps per request (maps x H x W; tiled: maps x tiles "
+                    "x tile pixels)",
             "fraction_of_timeout": BUDGET_FRACTION, "timeout": policy.timeout,
             "max_request_cost": policy.override, "endpoints": endpoints}

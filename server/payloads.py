@@ -17,6 +17,7 @@ from PIL import Image
 
 from model.io import (RadioMapError, RadioMapTooLarge, check_map, decode_npy, decode_png,
                       encode_npy, encode_png)
+from runtime.tiling import Tiler
 
 from .budget import check_cost
 from .protocol import JSON, NPY, PNG, Operation, Options, RequestError
@@ -36,6 +37,7 @@ class Job:
     mode: str = "mean"
     seed: Optional[int] = None
     scaled: bool = False
+    tiler: Optional[Tiler] = None  # run through these tiles; None: whole
     ticket: Optional[Ticket] = None  # its place in the endpoint's queue (server/queueing.py)
 
 
@@ -43,31 +45,31 @@ class Job:
 class Payload:
     array: np.ndarray  # [N, C, H, W] float32
     layout: Layout
+    tiler: Optional[Tiler] = None  # how it is to be run (server/payloads.py: tiling)
 
 
 def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: Limits,
                 options: Options, budget: float = float("inf")) -> Payload:
-    """Request body -> checked float32 [N, C, H, W] (maps resized if asked); a request whose
-    cost (server/budget.py) is over `budget` megapixels is refused before any resize."""
+    """Request body -> checked float32 [N, C, H, W] (maps resized if asked) and the tiles it
+    runs through; the size it is to be computed at (after ?resize=) is checked, then its cost
+    (server/budget.py) against `budget` megapixels, before any resize."""
     if kind == JSON:
         items, encoding, is_list = _json_items(body, limits.max_request_maps)
-        arrays = [_decode_item(item, encoding, op, limits) for item in items]
+        arrays = [_decode_item(item, encoding, op, limits, options) for item in items]
         payload = _stack(arrays, op, spec) if is_list else _as_batch(arrays[0], op, spec)
     else:
-        payload = _as_batch(_decode_item(body, "png" if kind == PNG else "npy", op, limits),
-                            op, spec)
+        payload = _as_batch(_decode_item(body, "png" if kind == PNG else "npy", op, limits,
+                                         options), op, spec)
     _check_count(payload.array.shape[0], limits)
-    _check_budget(payload.array, op, spec, options, budget)
+    size = _output_size(payload.array, op, spec, options)
+    payload.tiler = tiling(size, options, limits)
+    check_map_size(size, limits, payload.tiler, options, _prefix(payload.array, op))
+    check_cost(op.path, len(payload.array), size, 1, budget, payload.tiler)
     if op.takes == "map":
         payload.array = _checked(check_map, payload.array)
         if options.resize:
-            check_map_size(options.resize, limits)  # before PIL allocates the client's size
             payload.array = resize_maps(payload.array, options.resize)
-        check_map_size(payload.array.shape[-2:], limits)
     else:
-        h, w = payload.array.shape[-2:]
-        check_map_size((h * spec.downsample_factor, w * spec.downsample_factor), limits,
-                       f"latent {h}x{w} decodes to a map of ")
         if not np.isfinite(payload.array).all():
             raise RequestError(422, "latent holds NaN or Inf values")
         if np.abs(payload.array).max() > LATENT_LIMIT:
@@ -77,12 +79,29 @@ def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: 
     return payload
 
 
-def _check_budget(array: np.ndarray, op: Operation, spec: ModelSpec, options: Options,
-                  budget: float) -> None:
+def _output_size(array: np.ndarray, op: Operation, spec: ModelSpec,
+                 options: Options) -> tuple[int, int]:
+    """The size of the maps the network works at: after ?resize=, or what latents decode to."""
     if op.takes == "map":
-        check_cost(op.path, len(array), options.resize or array.shape[-2:], 1, budget)
-    else:
-        check_cost(op.path, len(array), array.shape[-2:], spec.downsample_factor, budget)
+        return tuple(options.resize or array.shape[-2:])
+    f = spec.downsample_factor
+    return array.shape[-2] * f, array.shape[-1] * f
+
+
+def _prefix(array: np.ndarray, op: Operation) -> str:
+    """How a size error names what was sent: a latent by its own size, a map by nothing more."""
+    if op.takes == "map":
+        return ""
+    return f"latent {array.shape[-2]}x{array.shape[-1]} decodes to a map of "
+
+
+def tiling(hw: tuple[int, int], options: Options, limits: Limits) -> Optional[Tiler]:
+    """The tiles an HxW map runs through (None: whole): with ?tiled=true, or by default when
+    it is over --max-pixels; never for a map within one tile (tiled == untiled there)."""
+    h, w = int(hw[0]), int(hw[1])
+    wanted = h * w > limits.max_pixels if options.tiled is None else options.tiled
+    tile = limits.tiler.tile
+    return limits.tiler if wanted and (h > tile or w > tile) else None
 
 
 def _check_count(count: int, limits: Limits) -> None:
@@ -118,12 +137,14 @@ def _json_items(body: bytes, max_items: int) -> tuple[list[bytes], str, bool]:
     return decoded, encoding, isinstance(data, list)
 
 
-def _decode_item(data: bytes, encoding: str, op: Operation, limits: Limits) -> np.ndarray:
+def _decode_item(data: bytes, encoding: str, op: Operation, limits: Limits,
+                 options: Options) -> np.ndarray:
     if encoding == "png" and op.takes != "map":
         raise RequestError(422, "latents cannot be PNG; send them as npy (float32)")
+    largest = limits.max_pixels if options.tiled is False else limits.max_tiled_pixels
     try:
         if encoding == "png":
-            return decode_png(data, max_pixels=limits.max_pixels, max_bytes=limits.max_body_bytes)
+            return decode_png(data, max_pixels=largest, max_bytes=limits.max_body_bytes)
         array = decode_npy(data, max_bytes=limits.max_body_bytes)
     except RadioMapTooLarge as err:
         raise RequestError(413, str(err)) from None
@@ -164,12 +185,15 @@ def _stack(arrays: list[np.ndarray], op: Operation, spec: ModelSpec) -> Payload:
     return Payload(np.concatenate([s.array for s in singles]), "nchw")
 
 
-def check_map_size(hw: tuple[int, int], limits: Limits, prefix: str = "") -> None:
+def check_map_size(hw: tuple[int, int], limits: Limits, tiler: Optional[Tiler],
+                   options: Options, prefix: str = "") -> None:
+    """413 / 422 unless an HxW map (run through `tiler`, or whole) is an accepted size."""
     h, w = int(hw[0]), int(hw[1])
     what = f"{prefix}{h}x{w}"
-    if h * w > limits.max_pixels:
+    if h * w > (limits.max_tiled_pixels if tiler else limits.max_pixels):
+        tiled = "" if options.tiled is False else f"; {limits.tiling()}"
         raise RequestError(413, f"{what} = {h * w} pixels; this server accepts "
-                                f"{limits.accepted()}")
+                                f"{limits.accepted()}{tiled}")
     pinned = limits.resolution
     bad = (h, w) != tuple(pinned) if pinned else (h % limits.factor or w % limits.factor
                                                    or not (h and w))

@@ -42,9 +42,9 @@ class Operation:
 
 
 OPERATIONS = {op.name: op for op in (
-    Operation("encode", "map", "latent", ("mode", "seed", "scaled", "resize")),
-    Operation("decode", "latent", "map", ("scaled", "bits")),
-    Operation("reconstruct", "map", "map", ("mode", "seed", "resize", "bits")),
+    Operation("encode", "map", "latent", ("mode", "seed", "scaled", "resize", "tiled")),
+    Operation("decode", "latent", "map", ("scaled", "bits", "tiled")),
+    Operation("reconstruct", "map", "map", ("mode", "seed", "resize", "bits", "tiled")),
 )}
 
 
@@ -55,6 +55,7 @@ class Options:
     scaled: bool = False
     resize: Optional[tuple[int, int]] = None
     bits: int = 8
+    tiled: Optional[bool] = None  # None: tiled when the map is over --max-pixels
 
 
 def parse_options(op: Operation, query: Mapping[str, str]) -> Options:
@@ -70,8 +71,9 @@ def parse_options(op: Operation, query: Mapping[str, str]) -> Options:
         values["seed"] = _integer(query["seed"], "seed", 0, MAX_SEED)
         if values.get("mode") != "sample":
             raise RequestError(422, "seed applies to mode=sample only; add mode=sample")
-    if "scaled" in query:
-        values["scaled"] = _choice(query["scaled"].lower(), "scaled",
+    for name in ("scaled", "tiled"):
+        if name in query:
+            values[name] = _choice(query[name].lower(), name,
                                    ("true", "false", "1", "0")) in ("true", "1")
     if "resize" in query:
         parts = query["resize"].split(",")

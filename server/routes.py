@@ -145,7 +145,7 @@ async def serve(request: Request, op: Operation, handler: Handler, ctx: Context)
     payload = await run_in_threadpool(decode_body, body, kind, op, ctx.spec, ctx.limits, options,
                                       budget)
     check_deliverable(answer, len(payload.array))
-    job = Job(payload.array, options.mode, options.seed, options.scaled)
+    job = Job(payload.array, options.mode, options.seed, options.scaled, payload.tiler)
     result = await dispatch(request, op, handler, ctx, job)
     content = await run_in_threadpool(encode_result, result, payload.layout, op, answer,
                                       options.bits)
@@ -158,7 +158,8 @@ async def dispatch(request: Request, op: Operation, handler: Handler, ctx: Conte
     (nobody reads it) when the client left. Counts every rejection (server/metrics.py)."""
     path = op.path
     factor = 1 if op.takes == "map" else ctx.spec.downsample_factor
-    ticket = handler.slots.take(cost_megapixels(len(job.x), job.x.shape[-2:], factor))
+    cost = cost_megapixels(len(job.x), job.x.shape[-2:], factor, job.tiler)
+    ticket = handler.slots.take(cost)
     if ticket is None:
         raise await _queue_full(path, handler, ctx)
     try:
@@ -264,6 +265,11 @@ _PARAMETERS = {
                "resize input maps to H,W (bilinear) when their size is not accepted"),
     "bits": ({"type": "integer", "enum": [8, 16], "default": 8},
              "bit depth of a PNG response"),
+    "tiled": ({"type": "boolean"},
+              "true: run maps larger than one tile (--tile, overlapping by --tile-overlap; GET "
+              "/info: limits) as blended tiles; false: whole, within --max-pixels; default: "
+              "tiled when over --max-pixels, up to --max-tiled-pixels. A tiled request costs "
+              "tiles x tile pixels per map against the request budget"),
 }
 
 _BINARY = {"type": "string", "format": "binary"}
@@ -286,7 +292,10 @@ def _description(op: Operation, ctx: Context) -> str:
     takes = maps if op.takes == "map" else latents
     gives = ("maps in [0, 1], one per input, in the input's layout (npy), or one PNG"
              if op.gives == "map" else f"latents [{z}, H/{f}, W/{f}] per map (npy)")
-    return (f"Takes {takes}. Accepted sizes: {ctx.limits.accepted()}; at most "
+    sizes = ctx.limits.accepted()
+    if not ctx.limits.resolution:
+        sizes += f"; {ctx.limits.tiling()} unless ?tiled=false"
+    return (f"Takes {takes}. Accepted sizes: {sizes}; at most "
             f"{ctx.limits.max_request_maps} per request. Gives {gives}; `Accept: "
             f"{JSON}` wraps the npy in base64. Errors are JSON {{status, error, detail}}.")
 
@@ -306,9 +315,10 @@ def _responses(op: Operation) -> dict:
         ok[PNG] = {"schema": _BINARY}
     errors = {400: "undecodable PNG, npy, JSON or base64", 401: "missing or wrong API key",
               406: "no acceptable response type",
-              413: "body, pixel count or batch over the limit, or compute cost over the "
-                   "per-request budget (then with cost_megapixels and budget_megapixels: send "
-                   "fewer maps or a smaller ?resize=)",
+              413: "body, pixel count (--max-pixels; tiled: --max-tiled-pixels) or batch over "
+                   "the limit, or compute cost over the per-request budget (then with "
+                   "cost_megapixels and budget_megapixels: send fewer maps or a smaller "
+                   "?resize=)",
               415: "unsupported Content-Type",
               422: "wrong dtype, shape, size, NaN/Inf, values or query option",
               429: "the endpoint's queue is full (--max-queue); nothing was queued: retry after "

@@ -30,6 +30,9 @@ class Settings:
     max_queue: Optional[int] = None  # None: server/queueing.py's default_queue
     max_body_mb: float = 64.0
     max_pixels: int = 512 * 512
+    max_tiled_pixels: int = 4096 * 4096  # model/io.py's PNG decoding bound
+    tile: int = 256  # map pixels per tile side, for tiled requests
+    tile_overlap: int = 128
     max_request_maps: int = 64
     max_request_cost: Optional[float] = None  # megapixels; None: measured (server/budget.py)
     resolution: Optional[tuple[int, int]] = None
@@ -137,6 +140,15 @@ def _parser() -> argparse.ArgumentParser:
              "--max-batch-size x --workers-per-device)")
     add("--max-body-mb", type=_positive_float, help=f"request body limit {_default('max_body_mb')}")
     add("--max-pixels", type=_positive_int, help=f"H*W limit per map {_default('max_pixels')}")
+    add("--max-tiled-pixels", type=_positive_int,
+        help="H*W limit per map when it is tiled; a map over --max-pixels is tiled up to this "
+             f"size, unless the request says tiled=false {_default('max_tiled_pixels')}")
+    add("--tile", type=_positive_int,
+        help="tile side in map pixels for tiled requests (a multiple of the downsampling "
+             f"factor) {_default('tile')}")
+    add("--tile-overlap", type=_non_negative_int,
+        help="overlap of neighbouring tiles in map pixels (a multiple of the downsampling "
+             f"factor, below --tile) {_default('tile_overlap')}")
     add("--max-request-maps", type=_positive_int,
         help=f"maps per request {_default('max_request_maps')}")
     add("--max-request-cost", type=_positive_float, metavar="MEGAPIXELS",

@@ -9,6 +9,7 @@ from model.checkpoint import (CheckpointError, latent_scaling, model_config_of, 
                               resolve_checkpoint)
 from model.config import ModelConfig, to_dict
 from model.manifest import MANIFEST_NAME, read_manifest
+from runtime.tiling import Tiler
 
 from .settings import Settings
 
@@ -53,12 +54,20 @@ class Limits:
     max_request_maps: int
     resolution: Optional[tuple[int, int]] = None
     factor: int = field(default=1)
+    max_tiled_pixels: int = 4096 * 4096  # H*W limit of a tiled map (at least max_pixels)
+    tiler: Tiler = field(default_factory=Tiler)  # how tiled requests are cut (--tile ...)
 
     def accepted(self) -> str:
         """The accepted map sizes, in words, for error messages and /info."""
         if self.resolution:
             return f"{self.resolution[0]}x{self.resolution[1]} maps only"
         return (f"HxW maps with H and W multiples of {self.factor} and H*W <= {self.max_pixels}")
+
+    def tiling(self) -> str:
+        """How larger maps are served, in words, for error messages and the OpenAPI text."""
+        return (f"larger maps are tiled ({self.tiler.tile}x{self.tiler.tile} tiles overlapping "
+                f"by {self.tiler.overlap}) up to H*W <= {self.max_tiled_pixels} "
+                "(--max-tiled-pixels)")
 
 
 def limits_of(settings: Settings, spec: ModelSpec) -> Limits:
@@ -69,7 +78,16 @@ def limits_of(settings: Settings, spec: ModelSpec) -> Limits:
             raise ModelSourceError(f"--resolution {h} {w}: both must be multiples of the model's "
                                    f"downsampling factor {f}")
     return Limits(settings.max_body_bytes, settings.max_pixels, settings.max_request_maps,
-                  settings.resolution, spec.downsample_factor)
+                  settings.resolution, spec.downsample_factor,
+                  max(settings.max_tiled_pixels, settings.max_pixels), _tiler(settings, spec))
+
+
+def _tiler(settings: Settings, spec: ModelSpec) -> Tiler:
+    try:
+        return Tiler(settings.tile, settings.tile_overlap, spec.downsample_factor)
+    except ValueError as err:
+        raise ModelSourceError(f"--tile {settings.tile} --tile-overlap "
+                               f"{settings.tile_overlap}: {err}") from None
 
 
 def describe_model(settings: Settings) -> ModelSpec:

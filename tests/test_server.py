@@ -218,7 +218,8 @@ def test_health_info_and_openapi(server):
     spec = requests.get(server.url + "/openapi.json", timeout=10).json()
     encode = spec["paths"]["/encode"]["post"]
     assert set(encode["requestBody"]["content"]) == {PNG, NPY, JSON}
-    assert {p["name"] for p in encode["parameters"]} == {"mode", "seed", "scaled", "resize"}
+    assert {p["name"] for p in encode["parameters"]} == {"mode", "seed", "scaled", "resize",
+                                                         "tiled"}
     decode = spec["paths"]["/decode"]["post"]
     assert set(decode["requestBody"]["content"]) == {NPY, JSON}
     assert PNG in decode["responses"]["200"]["content"]
@@ -570,21 +571,30 @@ def test_a_request_within_the_budget_is_served(server):
     assert _npy(r).shape == (6, 3, 32, 32)
 
 
-def test_batches_are_formed_under_the_budget(server):
-    body = encode_npy(_maps(4, size=128, seed=41))  # 0.066 MP: two would pass the budget
+def concurrent_batches(server: Server, path: str, body: bytes,
+                       clients: int) -> tuple[list[np.ndarray], float, float]:
+    """`body` sent to `path` by `clients` threads at once: the answers, and how many batches
+    and requests in them the endpoint's workers counted meanwhile."""
     before = server.metrics()
-    barrier = threading.Barrier(3)
+    barrier = threading.Barrier(clients)
 
     def send(_):
         barrier.wait()
-        return _npy(server.post("/encode", body))
+        return _npy(server.post(path, body))
 
-    with ThreadPoolExecutor(3) as pool:
-        assert all(z.shape == (4, 3, 32, 32) for z in pool.map(send, range(3)))
+    with ThreadPoolExecutor(clients) as pool:
+        answers = list(pool.map(send, range(clients)))
     after = server.metrics()
-    count, total = (after[f'radiodiff_batch_requests_{kind}{{endpoint="/encode"}}']
-                    - before[f'radiodiff_batch_requests_{kind}{{endpoint="/encode"}}']
+    count, total = (after[f'radiodiff_batch_requests_{kind}{{endpoint="{path}"}}']
+                    - before[f'radiodiff_batch_requests_{kind}{{endpoint="{path}"}}']
                     for kind in ("count", "sum"))
+    return answers, count, total
+
+
+def test_batches_are_formed_under_the_budget(server):
+    body = encode_npy(_maps(4, size=128, seed=41))  # 0.066 MP: two would pass the budget
+    answers, count, total = concurrent_batches(server, "/encode", body, 3)
+    assert all(z.shape == (4, 3, 32, 32) for z in answers)
     assert total == 3 and count == 3, "requests over the budget together shared a batch"
 
 

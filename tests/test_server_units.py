@@ -18,6 +18,8 @@ from model.autoencoder import AutoencoderKL
 from model.checkpoint import load_autoencoder, save_checkpoint
 from model.config import to_dict
 from model.io import encode_npy, from_model, to_model
+from runtime.inference import prepare_for_inference
+from runtime.tiling import Tiler
 from server.__main__ import main
 from server.apis import DecodeAPI, EncodeAPI, ReconstructAPI
 from server.budget import BudgetPolicy
@@ -74,6 +76,11 @@ def test_startup_errors_name_what_is_wrong(tmp_path, checkpoint, caplog, monkeyp
              (["--model", str(tmp_path / "broken.pt")], "broken.pt: "),
              (["--model", str(checkpoint), "--backend", "onnx"], "python -m export"),
              (["--model", str(checkpoint), "--resolution", "66", "66"], "multiples of the model's"),
+             (["--model", str(checkpoint), "--tile", "62"],
+              "--tile 62 --tile-overlap 128: tile (62) and overlap (128) must be multiples of "
+              "the downsampling factor 4"),
+             (["--model", str(checkpoint), "--tile", "64", "--tile-overlap", "64"],
+              "--tile 64 --tile-overlap 64: overlap must be in [0, tile)"),
              (["--model", str(checkpoint), "--api-key-env", "RADIODIFF_NO_SUCH_KEY"],
               "RADIODIFF_NO_SUCH_KEY: that environment variable is unset"),
              (["--model", str(checkpoint), "--device", "cpu", "--precision", "fp16"],
@@ -176,6 +183,26 @@ def test_onnx_backend_serves_an_export_like_the_model(export_dir, checkpoint):
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
     (got,) = decode.predict([Job(want_z[1].numpy())])
     np.testing.assert_allclose(got, want_maps[1].numpy(), atol=1e-4)
+
+
+def test_onnx_backend_runs_tiled_jobs_like_the_torch_library(export_dir, checkpoint):
+    spec = describe_model(Settings(model=str(export_dir)))
+    encode, decode, reconstruct = (cls(spec, max_batch_size=2, batch_timeout=0.0)
+                                   for cls in (EncodeAPI, DecodeAPI, ReconstructAPI))
+    for api in (encode, decode, reconstruct):
+        api.setup("cpu")
+    engine = prepare_for_inference(load_autoencoder(checkpoint), "cpu")
+    engine.enable_tiling(64, 32)
+    tiler = Tiler(64, 32, spec.downsample_factor)
+    maps = np.random.default_rng(3).random((3, 1, 128, 96), dtype=np.float32)
+    want_z = engine.encode(to_model(maps)).mode()
+    (z,) = encode.predict([Job(maps, tiler=tiler)])  # 3 maps: two forward passes per tile
+    np.testing.assert_allclose(z, want_z.numpy(), atol=1e-4)
+    (image,) = decode.predict([Job(want_z.numpy(), tiler=tiler)])
+    np.testing.assert_allclose(image, from_model(engine.decode(want_z)).numpy(), atol=1e-4)
+    (recon,) = reconstruct.predict([Job(maps, tiler=tiler)])
+    np.testing.assert_allclose(recon, from_model(engine.reconstruct(to_model(maps))).numpy(),
+                               atol=1e-4)
 
 
 def test_queue_slots_bound_the_queue_and_hand_each_ticket_back_once():
