@@ -35,7 +35,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         server = RadioDiffServer(settings, spec, limits, api_key)
         _handle_stop_signals(server)
         server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
-                   log_level=settings.log_level, generate_client_file=False)
+                   log_level=settings.log_level, generate_client_file=False,
+                   limit_concurrency=settings.max_connections,
+                   timeout_keep_alive=settings.keep_alive_timeout)
     except (RuntimeError, ValueError, OSError, EOFError) as err:
         logger.error("server failed: %s: %s", type(err).__name__, err)
         return 1

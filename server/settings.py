@@ -40,6 +40,10 @@ class Settings:
     api_key_env: Optional[str] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     shutdown_timeout: float = 10.0
+    # per HTTP process: open connections and requests in progress (uvicorn's limit_concurrency:
+    # past it, 503); the bound on upload memory is about max_connections x max_body_mb
+    max_connections: int = 64
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
     log_level: str = "info"
 
     @property
@@ -166,6 +170,11 @@ def _parser() -> argparse.ArgumentParser:
              f"{_default('precision')}")
     add("--shutdown-timeout", type=_positive_float,
         help=f"seconds in-flight requests get after SIGTERM {_default('shutdown_timeout')}")
+    add("--max-connections", type=_positive_int,
+        help="connections and requests in progress per HTTP process; past it new ones get 503 "
+             f"(upload memory stays under about this x --max-body-mb) {_default('max_connections')}")
+    add("--keep-alive-timeout", type=_positive_float,
+        help=f"seconds an idle keep-alive connection is kept {_default('keep_alive_timeout')}")
     add("--log-level", choices=["critical", "error", "warning", "info", "debug"],
         help=_default("log_level"))
     return p
