@@ -98,12 +98,15 @@ def _export(ckpt: Path, workdir: Path) -> Path:
 class Server:
     """`python -m server` in a child process, stopped with SIGTERM on exit."""
 
-    def __init__(self, model: Path, backend: str, max_batch: int, timeout: float, port: int):
+    def __init__(self, model: Path, backend: str, max_batch: int, timeout: float, port: int,
+                 max_queue: int):
         self.port = port or _free_port()
         self.args = [sys.executable, "-m", "server", "--model", str(model), "--backend", backend,
                      "--device", "cpu", "--host", "127.0.0.1", "--port", str(self.port),
                      "--max-batch-size", str(max_batch), "--batch-timeout", str(timeout),
-                     "--log-level", "warning"]
+                     # every client may wait at once: the bench measures throughput, not
+                     # backpressure (the default queue is 2 batches: 429 past it)
+                     "--max-queue", str(max_queue), "--log-level", "warning"]
 
     def __enter__(self) -> Server:
         self.proc = subprocess.Popen(self.args, start_new_session=True)
@@ -272,7 +275,8 @@ def run(args: argparse.Namespace) -> dict:
     before = direct(engine, x, batches)
     rows, pairs = [], []
     for label, max_batch in (("off", 1), ("on", args.max_batch_size)):
-        with Server(model, args.backend, max_batch, args.batch_timeout, args.port) as server:
+        with Server(model, args.backend, max_batch, args.batch_timeout, args.port,
+                    max(args.concurrency)) as server:
             load(server.port, body, 1, 2)  # warm-up: first requests pay one-off costs
             if args.paired_rounds:
                 print(f"batching {label}, paired ...", file=sys.stderr, flush=True)

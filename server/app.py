@@ -44,8 +44,9 @@ from .logs import LOGGER
 from .payloads import Job
 from .protocol import OPERATIONS
 from .queueing import Abandoned, QueueSlots
-from .routes import (Context, MetricsMiddleware, add_operation_route, authorize,
-                     install_error_handlers)
+from .docs import install_offline_docs
+from .routes import (HEALTH_RESPONSES, INFO_RESPONSES, METRICS_RESPONSES, Context,
+                     MetricsMiddleware, add_operation_route, authorize, install_error_handlers)
 from .settings import Settings, resolve_accelerator
 from .spec import Limits, ModelSpec
 
@@ -73,6 +74,7 @@ class RadioDiffServer(ls.LitServer):
         self.app.description = ("RadioDiff's first-stage VAE: radio maps <-> latents for a latent "
                                 "diffusion model.")
         install_error_handlers(self.app)
+        install_offline_docs(self.app)
 
     # litserve hooks -----------------------------------------------------------------------
 
@@ -82,11 +84,14 @@ class RadioDiffServer(ls.LitServer):
 
     def _register_internal_endpoints(self) -> None:
         self.app.add_api_route("/health", self._health, methods=["GET"],
-                               summary="200 once every worker has loaded the model and warmed up")
+                               summary="200 once every worker has loaded the model and warmed up",
+                               response_class=JSONResponse, responses=HEALTH_RESPONSES)
         self.app.add_api_route("/info", self._info, methods=["GET"],
-                               summary="Model, accepted shapes, limits, backend, versions")
-        self.app.add_api_route("/metrics", self._metrics, methods=["GET"],
-                               summary="Prometheus metrics of all server processes")
+                               summary="Model, accepted shapes, limits, backend, versions",
+                               response_class=JSONResponse, responses=INFO_RESPONSES)
+        self.app.add_api_route("/metrics", self._metrics, methods=["GET"], response_class=Response,
+                               summary="Prometheus metrics of all server processes",
+                               responses=METRICS_RESPONSES)
 
     def _register_middleware(self) -> None:
         for middleware, kwargs in self.middlewares:

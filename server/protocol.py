@@ -67,10 +67,10 @@ def parse_options(op: Operation, query: Mapping[str, str]) -> Options:
     values: dict = {}
     if "mode" in query:
         values["mode"] = _choice(query["mode"], "mode", ("mean", "sample"))
-    if "seed" in query:
-        values["seed"] = _integer(query["seed"], "seed", 0, MAX_SEED)
-        if values.get("mode") != "sample":
-            raise RequestError(422, "seed applies to mode=sample only; add mode=sample")
+    if "seed" in query:  # checked always, used by mode=sample only (the mean has no noise)
+        seed = _integer(query["seed"], "seed", 0, MAX_SEED)
+        if values.get("mode") == "sample":
+            values["seed"] = seed
     for name in ("scaled", "tiled"):
         if name in query:
             values[name] = _choice(query[name].lower(), name,

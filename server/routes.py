@@ -14,10 +14,10 @@ import hmac
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from http import HTTPStatus
-from typing import Any, Optional, Protocol
+from typing import Any, Literal, Optional, Protocol
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
@@ -27,6 +27,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
+from .metrics import CONTENT_TYPE_LATEST
 from .budget import cost_megapixels, endpoint_budget
 from .logs import LOGGER
 from .payloads import Job, check_deliverable, decode_body, encode_result
@@ -64,6 +65,11 @@ class ErrorBody(BaseModel):
     detail: str
 
 
+class HealthBody(BaseModel):
+    status: Literal["ready", "starting"]
+    workers: dict[str, str]
+
+
 class TooLargeBody(ErrorBody):
     """A 413; one refused for its compute cost also says the cost and the budget."""
     cost_megapixels: Optional[float] = None
@@ -71,7 +77,7 @@ class TooLargeBody(ErrorBody):
 
 
 def error_response(status: int, detail: str, fields: Optional[dict] = None,
-                   headers: Optional[dict[str, str]] = None) -> JSONResponse:
+                   headers: Optional[Mapping[str, str]] = None) -> JSONResponse:
     """The one JSON shape of every error; a Python object's repr that a library put in its
     message (PIL: `<_io.BytesIO object at 0x7f...>`) is named by its type, never its address."""
     try:
@@ -90,7 +96,7 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(err.status, err.detail, err.fields, err.headers)
 
     async def http_error(_: Request, err: StarletteHTTPException) -> JSONResponse:
-        return error_response(err.status_code, str(err.detail))
+        return error_response(err.status_code, str(err.detail), headers=err.headers)  # 405: Allow
 
     async def unexpected(request: Request, err: Exception) -> JSONResponse:
         logger.exception("bug: %s %s raised", request.method, request.url.path)
@@ -256,7 +262,8 @@ _PARAMETERS = {
     "mode": ({"type": "string", "enum": ["mean", "sample"], "default": "mean"},
              "mean: the posterior mean (its mode); sample: a draw from the posterior"),
     "seed": ({"type": "integer", "minimum": 0, "maximum": MAX_SEED},
-             "with mode=sample: a torch.Generator seed, for reproducible samples"),
+             "with mode=sample: a torch.Generator seed, for reproducible samples; checked but "
+             "unused with mode=mean (the mean draws no noise)"),
     "scaled": ({"type": "boolean", "default": False},
                "latents times the model's scale factor (GET /info: the checkpoint's stored "
                "latent_stats value, else 0.3), as latent diffusion uses them; on /decode the "
@@ -273,13 +280,10 @@ _PARAMETERS = {
 }
 
 _BINARY = {"type": "string", "format": "binary"}
-_JSON_IN = {"type": "object", "required": ["data", "encoding"], "properties": {
-    "data": {"oneOf": [{"type": "string", "format": "byte"},
-                       {"type": "array", "items": {"type": "string", "format": "byte"}}],
-             "description": "base64 of one .npy/.png, or a list of them (a batch, one item each)"},
-    "encoding": {"type": "string", "enum": ["npy", "png"]}}}
-_JSON_OUT = {"type": "object", "properties": {
-    "encoding": {"type": "string", "enum": ["npy"]}, "data": {"type": "string", "format": "byte"},
+_BASE64 = {"type": "string", "format": "byte"}
+_JSON_OUT = {"type": "object", "required": ["encoding", "data", "shape", "dtype"],
+             "additionalProperties": False, "properties": {
+    "encoding": {"type": "string", "enum": ["npy"]}, "data": _BASE64,
     "shape": {"type": "array", "items": {"type": "integer"}},
     "dtype": {"type": "string", "enum": ["float32"]}}}
 
@@ -300,8 +304,19 @@ def _description(op: Operation, ctx: Context) -> str:
             f"{JSON}` wraps the npy in base64. Errors are JSON {{status, error, detail}}.")
 
 
+def _json_in(op: Operation) -> dict:
+    """The JSON request body server/payloads.py accepts: exactly `data` and `encoding` (latents
+    come as npy only)."""
+    encodings = ["npy", "png"] if op.takes == "map" else ["npy"]
+    data = {"oneOf": [_BASE64, {"type": "array", "items": _BASE64, "minItems": 1}],
+            "description": f"base64 of one .{' / .'.join(encodings)}, or a list of them (a "
+                           "batch, one item each)"}
+    return {"type": "object", "required": ["data", "encoding"], "additionalProperties": False,
+            "properties": {"data": data, "encoding": {"type": "string", "enum": encodings}}}
+
+
 def _openapi_extra(op: Operation) -> dict:
-    content = {NPY: {"schema": _BINARY}, JSON: {"schema": _JSON_IN}}
+    content = {NPY: {"schema": _BINARY}, JSON: {"schema": _json_in(op)}}
     if op.takes == "map":
         content[PNG] = {"schema": _BINARY}
     params = [{"name": name, "in": "query", "required": False, "schema": _PARAMETERS[name][0],
@@ -338,3 +353,13 @@ def _responses(op: Operation) -> dict:
 
 _RETRY_AFTER = {"description": "seconds to wait before retrying", "schema": {"type": "integer",
                                                                              "minimum": 1}}
+
+
+# OpenAPI of the internal endpoints (server/app.py)
+
+HEALTH_RESPONSES: dict = {200: {"model": HealthBody, "description": "every worker is ready"},
+                          503: {"model": HealthBody, "description": "a worker is still loading "
+                                                                     "the model or warming up"}}
+INFO_RESPONSES: dict = {401: {"model": ErrorBody, "description": "missing or wrong API key"}}
+METRICS_RESPONSES: dict = {200: {"description": "Prometheus text exposition format",
+                                 "content": {CONTENT_TYPE_LATEST: {"schema": {"type": "string"}}}}}
