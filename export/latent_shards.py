@@ -11,7 +11,6 @@ An LDM training loop reads it with `LatentShards(DIR)`: items are dicts with `la
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -19,6 +18,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
+
+from model.manifest import sha256_file, write_json_atomic
 
 FORMAT = "radiodiff-latents/1"
 INDEX = "index.json"
@@ -30,20 +31,6 @@ class LatentShardError(ValueError):
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
 
 
 def write_shard(folder: Path, k: int, tensors: dict[str, torch.Tensor], items: range) -> dict:

@@ -22,13 +22,13 @@ from torch.utils.data import DataLoader, Subset
 
 from model.checkpoint import CheckpointError, latent_scaling
 from model.config import ConfigError
+from model.manifest import sha256_file, write_json_atomic
 from runtime.inference import prepare_for_inference
 from train import distributed
 from train.data import DataError
 from train.loading import load_checkpoint_run, positive_int, whole_maps
 
-from .latent_shards import (FORMAT, INDEX, finished_receipt, sha256_file, write_json_atomic,
-                            write_shard)
+from .latent_shards import FORMAT, INDEX, finished_receipt, write_shard
 
 STORES = ("posterior", "sample")
 

@@ -163,18 +163,25 @@ def check_source_checkpoint(manifest: dict, checkpoint: str | Path) -> None:
                             "from this checkpoint or use the matching one")
 
 
-def write_manifest(directory: str | Path, manifest: dict) -> Path:
-    """Validate, then write `DIR/manifest.json` atomically (temp file + rename)."""
-    path = Path(directory) / MANIFEST_NAME
-    validate_manifest(manifest, str(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", suffix=".tmp", dir=path.parent)
+def write_json_atomic(path: str | Path, data: dict) -> None:
+    """Write `data` as JSON to `path` whole or not at all (temp file in the same folder,
+    then rename), readable by others."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "w") as f:
-            json.dump(manifest, f, indent=2, sort_keys=False)
+            json.dump(data, f, indent=2, sort_keys=False)
             f.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the manifest is meant to be shared
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; these files are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_manifest(directory: str | Path, manifest: dict) -> Path:
+    """Validate, then write `DIR/manifest.json` atomically (temp file + rename)."""
+    path = Path(directory) / MANIFEST_NAME
+    validate_manifest(manifest, str(path))
+    write_json_atomic(path, manifest)
     return path

@@ -14,7 +14,6 @@ DPM (line of sight + one diffraction), IRT2 (up to 2 reflections/diffractions), 
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from model.io import GAIN_MAX_DB, GAIN_MIN_DB, write_png
+from model.manifest import sha256_file, write_json_atomic
 
 from .extrude import ground_mesh, receiver_cells, wall_mesh, write_ply
 from .sionna_backend import load_sionna_rt
@@ -148,16 +148,6 @@ def seed_noise_db(a: np.ndarray, b: np.ndarray, buildings: np.ndarray,
 
 
 # ----- the dataset on disk -------------------------------------------------------------------
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def _atomic_json(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=1))
-    os.replace(tmp, path)
-
-
 class DatasetMismatch(ValueError):
     """The output folder holds a generation with other settings."""
 
@@ -187,7 +177,7 @@ def _check_manifest(out: Path, generation: Generation) -> None:
                                   f"({', '.join(f'{k}: {held.get(k)} here, {wanted[k]} asked' for k in differ)}); "
                                   f"use another --out or the same options")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_json(manifest, wanted)
+    write_json_atomic(manifest, wanted)
 
 
 def map_files(out: Path, map_id: int, generation: Generation) -> list[Path]:
@@ -207,7 +197,7 @@ def is_complete(out: Path, map_id: int, generation: Generation) -> bool:
     hashes = json.loads(record.read_text()).get("sha256", {})
     for path in map_files(out, map_id, generation):
         key = str(path.relative_to(out))
-        if key not in hashes or not path.exists() or _sha256(path) != hashes[key]:
+        if key not in hashes or not path.exists() or sha256_file(path) != hashes[key]:
             return False
     return True
 
@@ -243,8 +233,8 @@ def generate_map(out: Path, map_id: int, generation: Generation) -> dict[str, fl
             _write(out / "gain" / name / f"{map_id}_{tx}.png", gain)
     files = map_files(out, map_id, generation)
     (out / "raytrace").mkdir(exist_ok=True)
-    _atomic_json(out / "raytrace" / f"{map_id}.json",
-                 {"seconds": seconds, "sha256": {str(p.relative_to(out)): _sha256(p) for p in files}})
+    write_json_atomic(out / "raytrace" / f"{map_id}.json",
+                 {"seconds": seconds, "sha256": {str(p.relative_to(out)): sha256_file(p) for p in files}})
     return seconds
 
 
