@@ -470,7 +470,7 @@ def test_undecodable_bodies_get_400_saying_what_was_expected_without_reprs(serve
     assert doc["status"] == 400 and words in doc["detail"], doc
 
 
-def _response(sock: socket.socket) -> bytes:
+def read_response(sock: socket.socket) -> bytes:
     """Read one HTTP response (headers and a Content-Length body) from a raw socket."""
     data = b""
     while b"\r\n\r\n" not in data:
@@ -487,13 +487,13 @@ def test_oversized_body_is_refused_before_it_is_read(server):
             f"Content-Type: {NPY}\r\n").encode()
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.sendall(head + b"Content-Length: 10000000000\r\n\r\n")  # 10 GB announced, none sent
-        answer = _response(s)
+        answer = read_response(s)
     assert answer.startswith(b"HTTP/1.1 413") and b"the limit is 1048576" in answer
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
         s.sendall(head + b"Transfer-Encoding: chunked\r\n\r\n")  # no length: counted as read
         for size in (0x40000,) * 4 + (0x10,):  # 1 MiB + 16 bytes, then silence
             s.sendall(b"%x\r\n" % size + b"\0" * size + b"\r\n")
-        answer = _response(s)
+        answer = read_response(s)
     assert answer.startswith(b"HTTP/1.1 413") and b"exceeds the limit" in answer
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import requests
 
-from tests.test_server import running_server, save_tiny_checkpoint
+from tests.test_server import read_response, running_server, save_tiny_checkpoint
 
 HEALTH = b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
 
@@ -26,24 +26,11 @@ def _connect(port: int) -> socket.socket:
     return sock
 
 
-def _read_response(sock: socket.socket) -> bytes:
-    """One whole HTTP response: headers and Content-Length body may come in several packets."""
-    data = b""
-    while b"\r\n\r\n" not in data:
-        data += sock.recv(65536)
-    head, body = data.split(b"\r\n\r\n", 1)
-    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length:"))
-    while len(body) < length:
-        body += sock.recv(65536)
-    return head
-
-
 def test_an_idle_keep_alive_connection_is_closed_after_the_timeout(server):
     _, port = server
     sock = _connect(port)
     sock.sendall(HEALTH)
-    assert _read_response(sock).startswith(b"HTTP/1.1 200")
+    assert read_response(sock).startswith(b"HTTP/1.1 200")
     start = time.monotonic()
     sock.settimeout(10)
     assert sock.recv(65536) == b""  # the server closed it
