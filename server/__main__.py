@@ -117,7 +117,7 @@ def _handle_stop_signals(server) -> None:
     def on_signal(signum, frame):
         if os.getpid() != main_pid:
             raise SystemExit(0)
-        if server._shutdown_event is None:  # not started yet
+        if not server.started():
             raise KeyboardInterrupt
         threading.Thread(target=server.request_stop, name="stop", daemon=True).start()
 

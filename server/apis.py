@@ -20,7 +20,6 @@ from typing import NamedTuple, Optional
 import litserve as ls
 import numpy as np
 import torch
-from litserve.loops.base import _SENTINEL_VALUE, _StopLoopError
 from litserve.loops.simple_loops import BatchedLoop
 from litserve.transport.base import MessageTransport
 from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
@@ -29,9 +28,10 @@ from model.distributions import DiagonalGaussianDistribution
 from model.io import from_model, to_model
 from runtime.tiling import Tiler
 
-from . import metrics
+from . import memory, metrics
 from .backends import load_backend
 from .budget import BUDGET_FRACTION, UNBOUNDED, BudgetPolicy, cost_megapixels
+from .litserve_adapter import STOP_SENTINEL, StopLoop
 from .logs import LOGGER, configure_logging
 from .payloads import Job
 from .queueing import QueueSlots, default_queue
@@ -40,6 +40,9 @@ from .spec import ModelSpec
 
 logger = logging.getLogger(LOGGER)
 REMEASURE_BELOW = 2.0  # seconds: a warm-up shorter than this is timed a second time
+# The share of the memory a worker may still use (server/memory.py) that a batch may plan to
+# take at the warm-up's measured bytes per megapixel: the rest covers what the estimate misses.
+MEMORY_FRACTION = 0.8
 
 
 class Queued(NamedTuple):
@@ -67,27 +70,50 @@ class BlockingBatchedLoop(BatchedLoop):
         super().__init__()
         self._held = None
         self._deadlines: dict[str, float] = {}  # of the running batch's requests, by uid
+        self._published = False  # whether the supervisor holds a list of running requests
 
     def get_batch_requests(self, lit_api: "RadioAPI", request_queue: Queue,
                            transport: MessageTransport) -> tuple[list, list]:
+        if self._published:  # the previous batch is answered
+            lit_api.publish_running([])
+            self._published = False
         batch: list[Queued] = []
-        cost, fill_until = 0.0, None
+        cost, fill_until, room = 0.0, None, None
         while len(batch) < lit_api.max_batch_size:
             item = self._next_item(request_queue, fill_until)
             if item is None:
                 break
-            if item == _SENTINEL_VALUE:
-                raise _StopLoopError()
+            if item == STOP_SENTINEL:
+                raise StopLoop()
             queued = Queued(*item)
-            if batch and cost + lit_api.job_cost(queued.job) > lit_api.budget_megapixels:
+            total = cost + lit_api.job_cost(queued.job)
+            room = lit_api.memory_room() if room is None else room  # read once per batch
+            fits = lit_api.fits_in_memory(total, room)
+            if batch and (total > lit_api.budget_megapixels or not fits):
                 self._held = item
                 break
             if not _take(lit_api, queued):
                 continue
+            if not fits:  # alone, and more than the memory left: refused, not run
+                self._refuse_for_memory(lit_api, queued, room, transport)
+                continue
             batch.append(queued)
-            cost += lit_api.job_cost(queued.job)
+            cost = total
             fill_until = fill_until or time.monotonic() + lit_api.batch_timeout
         return self._startable(lit_api, batch, cost, transport), []
+
+    def _refuse_for_memory(self, lit_api: "RadioAPI", queued: Queued, room: float,
+                           transport: MessageTransport) -> None:
+        need = lit_api.bytes_per_megapixel * lit_api.job_cost(queued.job)
+        detail = (f"{lit_api.api_path}: not started: this request needs about "
+                  f"{need / memory.MIB:.0f} MiB of working memory (measured at the warm-up) "
+                  f"and the worker can use {MEMORY_FRACTION * room / memory.MIB:.0f} MiB now "
+                  "(the machine's or container's free memory); retry later, or send fewer or "
+                  "smaller maps")
+        logger.warning("%s", detail)
+        self.put_response(transport, queued.response_queue_id, queued.uid,
+                          PickleableHTTPException(503, detail), LitAPIStatus.ERROR,
+                          LoopResponseType.REGULAR)
 
     def _next_item(self, request_queue: Queue, fill_until: Optional[float]):
         """The held-over request, else the next queued one: awaited (for up to a second) while
@@ -121,6 +147,9 @@ class BlockingBatchedLoop(BatchedLoop):
                               PickleableHTTPException(504, detail), LitAPIStatus.ERROR,
                               LoopResponseType.REGULAR)
         self._deadlines = {q.uid: q.timestamp + lit_api.request_timeout for q in on_time}
+        if on_time:
+            lit_api.publish_running([(q.response_queue_id, q.uid) for q in on_time])
+            self._published = True
         for queued in on_time:
             self.put_response(transport, queued.response_queue_id, queued.uid, (),
                               LitAPIStatus.START, LoopResponseType.REGULAR)
@@ -183,9 +212,14 @@ class RadioAPI(ls.LitAPI):
         self.model_spec, self.precision, self.require_cuda = spec, precision, require_cuda
         self.log_level, self.threads, self.budget = log_level, threads, budget
         self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
-        self.worker_info: Optional[dict] = None  # a manager dict the server attaches, for /info
+        # Manager dicts the server attaches: what each worker published (for /info), and the
+        # requests each worker is running (for the supervisor, should the worker die).
+        self.worker_info: Optional[dict] = None
+        self.running: Optional[dict] = None
         self.budget_megapixels = float("inf")  # set by setup, from the timed warm-up
         self.seconds_per_megapixel = 0.0  # likewise
+        self.bytes_per_megapixel = 0.0  # likewise: peak resident memory a megapixel adds
+        self.base_resident = 0  # resident bytes once the model is loaded, before any batch
         # Made here, in the main process: the HTTP processes fork with it, the workers get it
         # pickled at spawn.
         self.slots = QueueSlots(max_queue or default_queue(max_batch_size, 1))
@@ -196,13 +230,27 @@ class RadioAPI(ls.LitAPI):
             torch.set_num_threads(self.threads)
         self.backend = load_backend(self.model_spec, device, self.precision, self.require_cuda,
                                     self.threads)
-        rate = self.seconds_per_megapixel = self._seconds_per_megapixel()
+        self.base_resident = memory.resident_bytes() or 0
+        rate, self.bytes_per_megapixel = self._measure_warmup()
+        self.seconds_per_megapixel = rate
         self._set_budget(rate)
         described = {**self.backend.describe(), "endpoint": self.api_path, "pid": os.getpid(),
-                     "seconds_per_megapixel": rate, "budget_megapixels": self.budget_megapixels}
+                     "seconds_per_megapixel": rate, "budget_megapixels": self.budget_megapixels,
+                     "bytes_per_megapixel": round(self.bytes_per_megapixel)}
         logger.info("%s worker ready: %s", self.api_path, described)
         if self.worker_info is not None:
-            self.worker_info[f"{self.api_path}:{os.getpid()}"] = described
+            self.worker_info[self.worker_key] = described
+
+    @property
+    def worker_key(self) -> str:
+        """litserve's name of this worker process, as in /health: "<endpoint>_<worker id>"."""
+        return f"{self.name}_{os.environ.get('LITSERVE_WORKER_ID', '0')}"
+
+    def publish_running(self, requests: list[tuple[int, str]]) -> None:
+        """Tell the supervisor which requests (response queue id, uid) this worker runs now, so
+        that they are answered should it die running them (server/supervisor.py)."""
+        if self.running is not None:
+            self.running[self.worker_key] = requests
 
     def warmup_job(self) -> Job:
         h, w = self.warmup_size
@@ -218,6 +266,9 @@ class RadioAPI(ls.LitAPI):
     def _set_budget(self, rate: float) -> None:
         one_map = self._warmup_cost()
         self.budget_megapixels = self.budget.megapixels(rate, one_map)
+        if self.budget.override is None:  # and no more than fits in memory (it fit one map)
+            self.budget_megapixels = min(self.budget_megapixels,
+                                         max(self._memory_megapixels(), one_map))
         logger.info("%s: %.3g s per output megapixel; request budget %.4g megapixels",
                     self.api_path, rate, self.budget_megapixels)
         if self.budget.override is None and rate * one_map > BUDGET_FRACTION * self.budget.timeout:
@@ -225,18 +276,44 @@ class RadioAPI(ls.LitAPI):
                            "budget is that one map: raise --timeout", self.api_path,
                            rate * one_map, BUDGET_FRACTION)
 
-    def _seconds_per_megapixel(self) -> float:
-        """The warm-up, timed: seconds per output megapixel of this endpoint on this device. A
-        short first run (one-time costs included) is timed once more and the faster run kept."""
-        timings = [self._timed_warmup()]
-        if timings[0] < REMEASURE_BELOW:
-            timings.append(self._timed_warmup())
-        return min(timings) / self._warmup_cost()
+    def _measure_warmup(self) -> tuple[float, float]:
+        """The warm-up, measured: seconds and peak resident bytes per output megapixel of this
+        endpoint on this device. A short first run (one-time costs included) is timed once more
+        and the faster run kept; the memory is the first run's (nothing reused yet)."""
+        seconds, grown = self._measured_warmup()
+        if seconds < REMEASURE_BELOW:
+            seconds = min(seconds, self._measured_warmup()[0])
+        return seconds / self._warmup_cost(), grown / self._warmup_cost()
 
-    def _timed_warmup(self) -> float:
+    def _measured_warmup(self) -> tuple[float, int]:
+        """Seconds of one warm-up run and the resident memory it added at its peak (0 where
+        the peak cannot be measured)."""
+        base = memory.resident_bytes() if memory.reset_peak() else None
         start = time.perf_counter()
         self.run([self.warmup_job()])
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        peak = memory.peak_resident_bytes()
+        return seconds, 0 if base is None or peak is None else max(peak - base, 0)
+
+    def _memory_megapixels(self) -> float:
+        """The largest cost whose measured working memory fits in this process's share of all
+        the memory there is (the machine's, or its container's limit); inf where unknown."""
+        capacity = memory.capacity_bytes()
+        if capacity is None or not self.bytes_per_megapixel:
+            return float("inf")
+        return MEMORY_FRACTION * (capacity - self.base_resident) / self.bytes_per_megapixel
+
+    def memory_room(self) -> float:
+        """Bytes a batch may take: what the machine (or container) still has free, plus what
+        this worker already holds from earlier batches and reuses; inf where unknown."""
+        free = memory.available_bytes()
+        if free is None or not self.bytes_per_megapixel:
+            return float("inf")
+        held = max((memory.resident_bytes() or 0) - self.base_resident, 0)
+        return float(free + held)
+
+    def fits_in_memory(self, megapixels: float, room: float) -> bool:
+        return self.bytes_per_megapixel * megapixels <= MEMORY_FRACTION * room
 
     def decode_request(self, request: Job) -> Job:
         return request  # decoded and validated by the HTTP process

@@ -1,8 +1,7 @@
 """The LitServer: three LitAPIs (/encode, /decode, /reconstruct), /health, /info, /metrics.
 
-`RadioDiffServer` subclasses litserve 0.2.19's LitServer (pinned in pyproject.toml; every private
-litserve name used is listed in server/litserve_private.py and checked by a test) and
-replaces five of its steps:
+`RadioDiffServer` subclasses litserve's LitServer through server/litserve_adapter.py, the one
+module that touches litserve's private names, and replaces six of its steps:
 - routes: payloads are decoded and validated in the HTTP process (server/routes.py), so a bad
   request never reaches a worker, where one failure would fail every request batched with it;
 - request handling: a request waits for its answer until its deadline or until its client
@@ -13,8 +12,10 @@ replaces five of its steps:
   /metrics;
 - middleware: request metrics; no gzip (float32 npy barely compresses, and gzip level 9 on a
   batch costs more than the network);
+- worker monitoring: a worker that dies after it was ready is restarted, and the requests of
+  the batch it was running are answered 500 at once (server/supervisor.py);
 - shutdown: HTTP processes drain in-flight requests first, then the workers stop, each step
-  bounded; a worker that dies stops the whole server (an orchestrator restarts it).
+  bounded.
 """
 from __future__ import annotations
 
@@ -28,12 +29,8 @@ from importlib import metadata
 from collections.abc import Awaitable, Callable
 from typing import Any, Optional
 
-import litserve as ls
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from litserve.callbacks.base import EventTypes
-from litserve.loops.base import _SENTINEL_VALUE
-from litserve.server import RegularRequestHandler
 from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.concurrency import run_in_threadpool
 
@@ -45,16 +42,18 @@ from .payloads import Job
 from .protocol import OPERATIONS
 from .queueing import Abandoned, QueueSlots
 from .docs import install_offline_docs
+from .litserve_adapter import STOP_SENTINEL, AdaptedLitServer, AdaptedRequestHandler
 from .routes import (HEALTH_RESPONSES, INFO_RESPONSES, METRICS_RESPONSES, Context,
                      MetricsMiddleware, add_operation_route, authorize, install_error_handlers)
 from .settings import Settings, resolve_accelerator
 from .spec import Limits, ModelSpec
+from .supervisor import WorkerSupervisor
 
 logger = logging.getLogger(LOGGER)
 WORKER_STOP_TIMEOUT = 5.0
 
 
-class RadioDiffServer(ls.LitServer):
+class RadioDiffServer(AdaptedLitServer):
     def __init__(self, settings: Settings, spec: ModelSpec, limits: Limits,
                  api_key: Optional[str] = None):
         self.settings = settings
@@ -62,13 +61,14 @@ class RadioDiffServer(ls.LitServer):
         self.stop_reason: Optional[str] = None
         self._stopped = self._stop_requested = False
         self._stop_lock = threading.Lock()
+        self._monitor: Optional[threading.Thread] = None
         accelerator = resolve_accelerator(settings.device)
         apis = build_apis(spec, settings)
         super().__init__(apis, accelerator=accelerator,
                          workers_per_device=settings.workers_per_device, timeout=settings.timeout,
                          middlewares=[(MetricsMiddleware, {})])
         self.uvicorn_graceful_timeout = settings.shutdown_timeout
-        self.monitor_internal = 0.5  # litserve's worker-liveness poll period (its spelling)
+        self.monitor_internal = 0.5  # the worker-liveness poll period (litserve's spelling)
         self.app.title = "radiodiff-vae"
         self.app.version = _version("radiodiff-vae") or "dev"
         self.app.description = ("RadioDiff's first-stage VAE: radio maps <-> latents for a latent "
@@ -76,13 +76,13 @@ class RadioDiffServer(ls.LitServer):
         install_error_handlers(self.app)
         install_offline_docs(self.app)
 
-    # litserve hooks -----------------------------------------------------------------------
+    # litserve hooks (server/litserve_adapter.py) -------------------------------------------
 
-    def _register_api_endpoints(self, lit_api, request_type, response_type) -> None:
+    def register_endpoint(self, lit_api) -> None:
         op = OPERATIONS[lit_api.api_path.strip("/")]
         add_operation_route(self.app, op, QueuedRequestHandler(lit_api, self), self.context)
 
-    def _register_internal_endpoints(self) -> None:
+    def register_internal_endpoints(self) -> None:
         self.app.add_api_route("/health", self._health, methods=["GET"],
                                summary="200 once every worker has loaded the model and warmed up",
                                response_class=JSONResponse, responses=HEALTH_RESPONSES)
@@ -93,38 +93,50 @@ class RadioDiffServer(ls.LitServer):
                                summary="Prometheus metrics of all server processes",
                                responses=METRICS_RESPONSES)
 
-    def _register_middleware(self) -> None:
-        for middleware, kwargs in self.middlewares:
+    def register_middleware(self, middlewares: list) -> None:
+        for middleware, kwargs in middlewares:
             if middleware.__name__ != "GZipMiddleware":
                 self.app.add_middleware(middleware, **kwargs)
 
-    def _init_manager(self, num_api_servers: int):
+    def init_manager(self, make_manager):
         # The manager process (forked here) inherits SIG_IGN: a SIGTERM sent to the whole process
         # group (systemd, `timeout`) must not kill the queues before in-flight requests finish.
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
-            manager = super()._init_manager(num_api_servers)
+            manager = make_manager()
         finally:
             signal.signal(signal.SIGTERM, previous)
         self.worker_info = manager.dict()
+        self.running = manager.dict()  # worker key -> [(response queue, uid)] of its batch
         for api in self.litapi_connector:
-            api.worker_info = self.worker_info
+            api.worker_info, api.running = self.worker_info, self.running
         return manager
+
+    def start_worker_monitor(self, manager, uvicorn_workers: dict) -> None:
+        supervisor = WorkerSupervisor(self, self.settings.max_worker_restarts)
+        self._monitor = threading.Thread(target=supervisor.watch, daemon=True,
+                                         name="worker-supervisor")
+        self._monitor.start()
+
+    def stopping(self) -> bool:
+        return self._stop_requested or self._stopped or self.shutting_down()
 
     def request_stop(self) -> None:
         """Ask the main thread (waiting in LitServer.run) to shut down; callable from any thread
         but the main one, whose manager connection is busy with that wait."""
         self._stop_requested = True
-        if self._shutdown_event is not None:
-            _quietly(self._shutdown_event.set)
+        _quietly(self.wake_main_thread)
 
-    def _perform_graceful_shutdown(self, manager, uvicorn_workers, shutdown_reason="normal"):
+    def fail(self, reason: str) -> None:
+        """Stop the server because of `reason` (a worker that cannot be restarted), unless it
+        is stopping anyway; callable from any thread but the main one."""
+        if not (self._stop_requested or self._stopped):
+            self.stop_reason = reason
+        self.request_stop()
+
+    def graceful_shutdown(self, manager, uvicorn_workers: dict, reason: str) -> None:
         if threading.current_thread() is not threading.main_thread():
-            # litserve's worker monitor saw a worker die. Unless we are stopping anyway, that is
-            # a failure: record it and wake the main thread, which stops everything.
-            if not (self._stop_requested or self._stopped):
-                self.stop_reason = shutdown_reason
-            self.request_stop()
+            self.fail(reason)
             return
         with self._stop_lock:
             if self._stopped:
@@ -135,18 +147,17 @@ class RadioDiffServer(ls.LitServer):
         for process in uvicorn_workers.values():  # SIGTERM: uvicorn stops accepting and drains
             _stop(process, self.uvicorn_graceful_timeout + 2)
         for api in self.litapi_connector:
-            queue = self._get_request_queue(api.api_path)
-            for _ in self._inference_workers_config_for_api(api.api_path):
-                _quietly(queue.put, _SENTINEL_VALUE)
+            queue = self.request_queue(api.api_path)
+            for _ in self.worker_devices(api.api_path):
+                _quietly(queue.put, STOP_SENTINEL)
         for process in getattr(self, "inference_workers", []):
             process.join(WORKER_STOP_TIMEOUT)  # they ignore SIGTERM: the sentinel stops them
             if process.is_alive():
                 logger.warning("worker pid %s did not stop; killing it", process.pid)
                 process.kill()
                 process.join(1.0)
-        for thread in threading.enumerate():  # its next check must not meet a dead manager
-            if thread.name == "litserve-monitoring":
-                thread.join(self.monitor_internal + 1.0)
+        if self._monitor is not None:  # its next check must not meet a dead manager
+            self._monitor.join(self.monitor_internal + 1.0)
         _quietly(manager.shutdown)
         for process in [*uvicorn_workers.values(), *getattr(self, "inference_workers", [])]:
             metrics.mark_process_dead(process.pid)
@@ -176,7 +187,7 @@ class RadioDiffServer(ls.LitServer):
         return Response(content, media_type=media_type)
 
 
-class QueuedRequestHandler(RegularRequestHandler):
+class QueuedRequestHandler(AdaptedRequestHandler):
     """litserve's handler of one endpoint, except that the wait for the worker's answer ends
     at the request's deadline or when its client goes away, whichever comes first."""
 
@@ -191,7 +202,7 @@ class QueuedRequestHandler(RegularRequestHandler):
     async def answer(self, job: Job, gone: Callable[[], Awaitable[None]]) -> Any:
         """Queue `job` and return the worker's result; raises the worker's HTTPException, or
         Abandoned when the deadline passes or `gone()` returns first."""
-        uid, _ = await self._submit_request(job)
+        uid = await self.submit(job)
         answered = asyncio.Event()
         self.server.response_buffer[uid] = ResponseBufferItem(answered)
         try:
@@ -202,9 +213,8 @@ class QueuedRequestHandler(RegularRequestHandler):
             raise Abandoned(abandoned)
         response, status = item.response
         if status == LitAPIStatus.ERROR:
-            self._handle_error_response(response)
-        self.server._callback_runner.trigger_event(EventTypes.ON_RESPONSE.value,
-                                                   litserver=self.server)
+            self.raise_error_response(response)
+        self.server.fire_on_response()
         return response
 
 

@@ -37,9 +37,14 @@ BATCH_SIZE = Histogram("radiodiff_batch_size", "Maps (or latents) per forward pa
                        ["endpoint"], buckets=SIZE_BUCKETS)
 MAPS = Counter("radiodiff_maps_processed", "Maps (or latents) processed", ["endpoint"])
 REJECTION_REASONS = ("over_budget", "queue_full", "deadline", "deadline_running",
-                     "deadline_unreachable", "disconnected")  # docs/server.md says what each is
+                     "deadline_unreachable", "disconnected", "no_memory",
+                     "worker_crashed")  # docs/server.md says what each is
 REJECTIONS = Counter("radiodiff_rejections", "Requests refused or given up on, by endpoint and "
                      f"reason ({', '.join(REJECTION_REASONS)})", ["endpoint", "reason"])
+
+WORKER_RESTARTS = Counter("radiodiff_worker_restarts", "Inference workers that died after they "
+                          "were ready, by endpoint (each is restarted, or the server stops)",
+                          ["endpoint"])
 
 
 def reject(endpoint: str, reason: str) -> None:

@@ -173,9 +173,13 @@ async def dispatch(request: Request, op: Operation, handler: Handler, ctx: Conte
                                     lambda: client_gone(request.receive))
     except Abandoned as err:
         abandoned = err.reason
-    except StarletteHTTPException as err:  # a worker's 504: its batch would end too late
-        if err.status_code == 504:
+    except StarletteHTTPException as err:  # a worker's 504 (its batch would end too late),
+        if err.status_code == 504:           # 503 (no memory for it now) or 500 (it died)
             metrics.reject(path, "deadline_unreachable")
+        if err.status_code == 503:
+            metrics.reject(path, "no_memory")
+            seconds = retry_after(await run_in_threadpool(ctx.workers), path, cost)
+            raise RequestError(503, str(err.detail), headers={"Retry-After": str(seconds)})
         raise
     finally:
         never_run = handler.slots.claim(ticket)  # False: a worker took it (or already answered)

@@ -44,6 +44,7 @@ class Settings:
     # past it, 503); the bound on upload memory is about max_connections x max_body_mb
     max_connections: int = 64
     keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open
+    max_worker_restarts: int = 3  # per 10 minutes (server/supervisor.py); more stop the server
     log_level: str = "info"
 
     @property
@@ -175,6 +176,10 @@ def _parser() -> argparse.ArgumentParser:
              f"(upload memory stays under about this x --max-body-mb) {_default('max_connections')}")
     add("--keep-alive-timeout", type=_positive_float,
         help=f"seconds an idle keep-alive connection is kept {_default('keep_alive_timeout')}")
+    add("--max-worker-restarts", type=_non_negative_int, metavar="N",
+        help="restarts of inference workers that died after they were ready, per 10 minutes; "
+             "one more stops the server (a worker that dies before it is ready always does) "
+             f"{_default('max_worker_restarts')}")
     add("--log-level", choices=["critical", "error", "warning", "info", "debug"],
         help=_default("log_level"))
     return p

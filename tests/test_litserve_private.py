@@ -1,5 +1,6 @@
-"""litserve's private names, contained: every one the server uses is listed in
-server/litserve_private.py, and each listed one exists in the installed litserve."""
+"""litserve's private names, contained: only server/litserve_adapter.py uses them, every one it
+uses is listed in server/litserve_private.py, and each listed one exists in the installed
+litserve."""
 import ast
 import importlib
 import inspect
@@ -40,7 +41,7 @@ def _exists(dotted: str) -> bool:
 def test_every_listed_private_name_exists_in_the_installed_litserve(name):
     version = metadata.version("litserve")
     assert _exists(name), (f"litserve {version} no longer has {name} ({PRIVATE_NAMES[name]}): "
-                           f"the server's use of it (server/app.py, server/apis.py) must be "
+                           f"its use in server/litserve_adapter.py must be "
                            f"ported before this litserve can be used")
 
 
@@ -54,19 +55,37 @@ def _litserve_private_members() -> set[str]:
     return names
 
 
-def test_the_server_uses_no_unlisted_private_litserve_name():
+def _private_litserve_uses(path: Path, litserve_names: set[str]) -> set[str]:
+    """The private litserve names `path` imports, overrides, calls or reads."""
+    used = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("litserve"):
+            used |= {a.name for a in node.names if a.name.startswith("_")}
+        name = (node.attr if isinstance(node, ast.Attribute)
+                else node.name if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                else None)
+        if name and name in litserve_names:
+            used.add(name)
+    return used
+
+
+def test_only_the_adapter_uses_private_litserve_names_and_each_is_listed():
     listed = {name.rsplit(".", 1)[1] for name in PRIVATE_NAMES}
     litserve_names = _litserve_private_members()
-    unlisted = set()
-    for path in sorted(SERVER.glob("*.py")):
-        for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("litserve"):
-                unlisted |= {f"{path.name}: {node.module}.{a.name}" for a in node.names
-                             if a.name.startswith("_") and a.name not in listed}
-            name = (node.attr if isinstance(node, ast.Attribute)
-                    else node.name if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                    else None)
-            if name and name in litserve_names and name not in listed:
-                unlisted.add(f"{path.name}: {name}")
-    assert not unlisted, (f"private litserve names used but not listed in "
-                          f"server/litserve_private.py: {sorted(unlisted)}")
+    adapter = SERVER / "litserve_adapter.py"
+    unlisted = _private_litserve_uses(adapter, litserve_names) - listed
+    assert not unlisted, (f"server/litserve_adapter.py uses private litserve names not listed "
+                          f"in server/litserve_private.py: {sorted(unlisted)}")
+    elsewhere = {f"{path.name}: {name}" for path in sorted(SERVER.glob("*.py")) if path != adapter
+                 for name in _private_litserve_uses(path, litserve_names)}
+    assert not elsewhere, (f"private litserve names used outside server/litserve_adapter.py "
+                           f"(move them into the adapter, under a public name): "
+                           f"{sorted(elsewhere)}")
+
+
+def test_the_check_sees_a_private_name_outside_the_adapter(tmp_path):
+    module = tmp_path / "other.py"
+    module.write_text("from litserve.loops.base import _SENTINEL_VALUE\n"
+                      "def f(server):\n    return server._get_request_queue('/x')\n")
+    assert _private_litserve_uses(module, _litserve_private_members()) == {
+        "_SENTINEL_VALUE", "_get_request_queue"}

@@ -101,12 +101,14 @@ def save_tiny_checkpoint(root: Path) -> Path:
 
 
 @contextmanager
-def running_server(model: Path, args: list[str], env: dict[str, str]):
-    """`python -m server --model model *args` on loopback (one thread per worker), ready;
-    yields (url, port, process, log path), and stops every process of it afterwards."""
+def running_server(model: Path, args: list[str], env: dict[str, str],
+                   prefix: tuple[str, ...] = ()):
+    """`python -m server --model model *args` on loopback (one thread per worker), run through
+    the command `prefix` if any, ready; yields (url, port, process, log path), and stops every
+    process of it afterwards."""
     port, log = _free_port(), model / "server.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), **env}
-    cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1",
+    cmd = [*prefix, sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--threads", "1", "--log-level", "warning", *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,

@@ -1,0 +1,93 @@
+"""A worker that dies is restarted, and the request it was running is answered 500 at once, on a
+real `python -m server` (tiny model, CPU): the worker is killed with SIGKILL mid-batch, which
+is what the kernel's OOM killer does."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import requests
+
+from model.io import encode_npy
+from tests.test_server import NPY, running_server, save_tiny_checkpoint
+from tests.test_server_queue import Server
+
+TIMEOUT = 60.0
+RESTARTS = 'radiodiff_worker_restarts_total{endpoint="/reconstruct"}'
+CRASHED = 'radiodiff_rejections_total{endpoint="/reconstruct",reason="worker_crashed"}'
+
+
+def _cpu_seconds(pid: int) -> float:
+    fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _kill_mid_batch(server: Server, pool: ThreadPoolExecutor, size: int):
+    """Send a /reconstruct that takes seconds, SIGKILL its worker once it computes; the future
+    of the answer and the time of the kill."""
+    body = encode_npy(np.random.default_rng(0).random((1, 1, size, size), np.float32))
+    before = _cpu_seconds(server.worker)
+    answer = pool.submit(requests.post, server.url + "/reconstruct", data=body,
+                         headers={"Content-Type": NPY}, timeout=TIMEOUT + 10)
+    deadline = time.monotonic() + 10
+    while _cpu_seconds(server.worker) < before + 0.3:  # it is running the batch
+        assert time.monotonic() < deadline and not answer.done(), "the batch never started"
+        time.sleep(0.02)
+    os.kill(server.worker, signal.SIGKILL)
+    return answer, time.monotonic()
+
+
+def _size_taking(server: Server, seconds: float) -> int:
+    """The side of a square map that the worker takes about `seconds` on (a multiple of 16)."""
+    side = int((seconds / server.rate * 1e6) ** 0.5)
+    return max(64, side // 16 * 16)
+
+
+def _wait_healthy(url: str, limit: float = 120.0) -> None:
+    deadline = time.monotonic() + limit
+    while requests.get(url + "/health", timeout=5).status_code != 200:
+        assert time.monotonic() < deadline, "the server never became ready again"
+        time.sleep(0.2)
+
+
+@pytest.fixture
+def model(tmp_path):
+    save_tiny_checkpoint(tmp_path)
+    return tmp_path
+
+
+def test_a_killed_worker_answers_500_at_once_and_is_restarted(model):
+    args = ["--timeout", str(TIMEOUT), "--max-pixels", str(1024 * 1024)]
+    with running_server(model, args, {}) as (url, port, proc, log), \
+            ThreadPoolExecutor(2) as pool:
+        server = Server(url, port)
+        size = _size_taking(server, 4.0)
+        answer, killed = _kill_mid_batch(server, pool, size)
+        response = answer.result()
+        waited = time.monotonic() - killed
+        assert response.status_code == 500, response.text
+        assert "worker running this request died" in response.json()["detail"]
+        assert waited < 3.0, f"answered {waited:.1f} s after the kill, not at once"
+        _wait_healthy(url)
+        again = Server(url, port)
+        assert again.worker != server.worker
+        workers = requests.get(url + "/info", timeout=10).json()["workers"]
+        assert [w["pid"] for w in workers if w["endpoint"] == "/reconstruct"] == [again.worker]
+        assert again.reconstruct(2).status_code == 200
+        counts = again.metrics()
+        assert counts[RESTARTS] == 1 and counts[CRASHED] == 1
+        assert proc.poll() is None
+
+
+def test_past_max_worker_restarts_the_server_stops_saying_why(model):
+    args = ["--timeout", str(TIMEOUT), "--max-worker-restarts", "0"]
+    with running_server(model, args, {}) as (url, port, proc, log):
+        worker = Server(url, port).worker
+        os.kill(worker, signal.SIGKILL)
+        assert proc.wait(30) == 1
+        text = log.read_text()
+        assert "died (exit code -9) after 0 restarts" in text, text[-2000:]
