@@ -1,0 +1,107 @@
+"""Concurrent uploads are bounded in memory, on a real `python -m server` (tiny model, CPU):
+many clients each hold an almost finished large upload open; the HTTP process holds at most
+--max-connections of them (the rest get 503 at once), so its resident memory grows by about
+--max-connections x the body size, not by the number of clients; then every held upload that
+was admitted is read and answered (its values are out of range, so that the test measures
+uploads, not the model: each is read and decoded in full, then refused with 422)."""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+
+from model.io import encode_npy
+from tests.test_server import NPY, read_response, running_server, save_tiny_checkpoint
+
+MAX_CONNECTIONS = 4
+CLIENTS = 48  # 12x the limit: held all at once, unbounded, they would take 192 MiB
+SIDE = 1024  # a 1x1x1024x1024 float32 map: 4 MiB per upload
+BODY_MIB = 4
+MIB = 1 << 20
+
+
+def _socket_owner(local_port: int, remote_port: int) -> int:
+    """The process holding the established TCP connection local_port <- remote_port."""
+    inode = None
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local, remote = (int(f.split(":")[1], 16) for f in fields[1:3])
+        if (local, remote, fields[3]) == (local_port, remote_port, "01"):  # ESTABLISHED
+            inode = f"socket:[{fields[9]}]"
+    assert inode, f"no connection {remote_port} -> {local_port}"
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if any(os.readlink(f"/proc/{pid}/fd/{fd}") == inode
+                   for fd in os.listdir(f"/proc/{pid}/fd")):
+                return int(pid)
+        except OSError:
+            continue
+    raise AssertionError("no process holds the connection")
+
+
+def _http_process(port: int) -> int:
+    """The uvicorn process serving `port`: the one that answers a keep-alive request (others,
+    the main process and the queue manager, hold the listening socket too)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+        read_response(sock)
+        return _socket_owner(port, sock.getsockname()[1])
+
+
+def _kib(pid: int, field: str) -> int:
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split(f"{field}:")[1].split()[0])
+
+
+def _hold_uploads(root: Path, max_connections: int) -> tuple[float, int, list[bytes]]:
+    """CLIENTS clients each send all but the last byte of an upload and hold it; the HTTP
+    process's peak memory growth (MiB), how many uploads it admitted, and every answer."""
+    save_tiny_checkpoint(root)
+    body = encode_npy(np.full((1, 1, SIDE, SIDE), 2.0, np.float32))
+    head = (f"POST /reconstruct?mode=mean HTTP/1.1\r\nHost: x\r\nContent-Type: {NPY}\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    args = ["--max-connections", str(max_connections), "--max-pixels", str(SIDE * SIDE),
+            "--timeout", "120", "--max-body-mb", "8"]
+    with running_server(root, args, {}) as (url, port, proc, log):
+        http = _http_process(port)
+        Path(f"/proc/{http}/clear_refs").write_text("5")
+        before = _kib(http, "VmRSS")
+        held, answers = [], []
+        for _ in range(CLIENTS):
+            sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+            try:
+                sock.sendall(head + body[:-1])
+                held.append(sock)
+            except OSError:  # past the limit: answered 503 and closed while we sent
+                answers.append(b"refused")
+                sock.close()
+        time.sleep(2.0)
+        grown_mib = (_kib(http, "VmHWM") - before) / 1024
+        for sock in held:
+            sock.sendall(body[-1:])
+        for sock in held:
+            answers.append(read_response(sock).split(b" ", 2)[1])
+            sock.close()
+    print(f"--max-connections {max_connections}: HTTP process +{grown_mib:.0f} MiB peak, "
+          f"{CLIENTS} clients holding {len(body) / MIB:.0f} MiB uploads, {len(held)} admitted")
+    return grown_mib, len(held), answers
+
+
+def test_many_concurrent_uploads_hold_at_most_max_connections_bodies(tmp_path):
+    grown_mib, admitted, answers = _hold_uploads(tmp_path, MAX_CONNECTIONS)
+    assert 1 <= admitted <= MAX_CONNECTIONS and answers.count(b"422") == admitted, str(answers)
+    assert answers.count(b"refused") == CLIENTS - admitted, str(answers)
+    # at most MAX_CONNECTIONS bodies (each read once and decoded once), plus slack
+    assert grown_mib < MAX_CONNECTIONS * 3 * BODY_MIB + 64, (
+        f"the HTTP process grew by {grown_mib:.0f} MiB for {CLIENTS} held {BODY_MIB} MiB "
+        f"uploads with --max-connections {MAX_CONNECTIONS}")
+
+
+def test_without_a_low_limit_every_held_upload_costs_its_body(tmp_path):
+    """The control: the measurement sees the bodies, so the bound above is the limit's doing."""
+    grown_mib, admitted, answers = _hold_uploads(tmp_path, 4 * CLIENTS)
+    assert admitted == CLIENTS and answers.count(b"422") == CLIENTS, str(answers)
+    assert grown_mib > 0.75 * CLIENTS * BODY_MIB, f"grew by {grown_mib:.0f} MiB only"
