@@ -20,6 +20,7 @@ import pytest
 import requests
 
 from model.io import encode_npy
+from server.client import Client
 from tests.test_server import NPY, running_server, save_tiny_checkpoint
 
 TIMEOUT = 4.0  # --timeout: every deadline here
@@ -106,6 +107,21 @@ def test_a_full_queue_gets_429_at_once_while_the_admitted_requests_get_200(serve
     after = server.metrics()
     assert after[_rejected("queue_full")] - before.get(_rejected("queue_full"), 0) == 1
     assert after[MAPS] - before.get(MAPS, 0) == MAX_QUEUE
+
+
+def test_the_client_waits_retry_after_on_429_and_then_gets_its_answer(server):
+    vae = Client(server.url, timeout=30, retries=3, backoff=0.05)
+    maps = np.random.default_rng(5).random((1, 1, 64, 64), np.float32)
+    with ThreadPoolExecutor(MAX_QUEUE + 1) as pool:
+        with server.stalled():
+            admitted = [pool.submit(server.reconstruct, 1) for _ in range(MAX_QUEUE)]
+            server.wait_for(DEPTH, MAX_QUEUE)
+            before = server.metrics().get(_rejected("queue_full"), 0)
+            answer = pool.submit(_timed, lambda: vae.reconstruct(maps))
+            server.wait_for(_rejected("queue_full"), before + 1)  # its first try: 429
+        result, elapsed = answer.result()  # retried after Retry-After, once the queue drained
+        assert [f.result().status_code for f in admitted] == [200] * MAX_QUEUE
+    assert result.shape == (1, 1, 64, 64) and elapsed >= 1.0  # Retry-After is at least 1 s
 
 
 def test_requests_behind_a_stalled_batch_get_504_at_their_deadline(server):

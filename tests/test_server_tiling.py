@@ -17,6 +17,7 @@ from runtime.inference import InferenceModel, prepare_for_inference
 from runtime.tiling import Tiler
 from server.apis import DecodeAPI
 from server.payloads import Job
+from server.client import Client, ServerError
 from server.settings import Settings
 from server.spec import describe_model
 from tests.test_server import (ATOL, KEY, Server, _maps, _npy, concurrent_batches,
@@ -90,6 +91,21 @@ def test_a_map_within_one_tile_is_never_tiled(server):
             whole = _npy(server.post(path, body))
             tiled = _npy(server.post(path, body, params={"tiled": "true"}))
             np.testing.assert_array_equal(tiled, whole, err_msg=f"{path} {size}")
+
+
+def test_the_client_passes_tiled_through(server, tiled_engine):
+    vae = Client(server.url, api_key=KEY, timeout=60)
+    maps = _maps(1, size=128, seed=1)
+    want = tiled_engine.encode(to_model(maps)).mode().numpy()
+    np.testing.assert_allclose(vae.encode(maps, tiled=True), want, atol=ATOL)
+    latent = vae.encode(maps)  # None: the server tiles the over-size map itself
+    np.testing.assert_allclose(latent, want, atol=ATOL)
+    np.testing.assert_allclose(vae.decode(latent, tiled=True),
+                               from_model(tiled_engine.decode(torch.from_numpy(latent))).numpy(),
+                               atol=ATOL)
+    with pytest.raises(ServerError) as err:
+        vae.reconstruct(maps, tiled=False)
+    assert err.value.status == 413 and err.value.detail == OLD_REFUSAL
 
 
 def test_decode_is_tiled_over_the_size_limit(server, tiled_engine):
