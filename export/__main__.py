@@ -6,6 +6,10 @@ Exit status: 0 success; 1 export or verification failed (figures printed); 2 bad
 """
 from __future__ import annotations
 
+from runtime.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before anything imports torch (runtime/openmp.py)
+
 import argparse
 import sys
 

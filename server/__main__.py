@@ -1,6 +1,10 @@
 """`python -m server --model DIR_OR_CKPT ...`: serve the VAE over HTTP (see docs/server.md)."""
 from __future__ import annotations
 
+from runtime.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before anything imports torch (runtime/openmp.py)
+
 import errno
 import multiprocessing as mp
 import os

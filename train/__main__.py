@@ -2,6 +2,10 @@
 `eval` and `latent-stats` subcommands. Config and file errors print one message and exit 2."""
 from __future__ import annotations
 
+from runtime.openmp import prefer_passive_wait
+
+prefer_passive_wait()  # before anything imports torch (runtime/openmp.py)
+
 import argparse
 import json
 import sys
