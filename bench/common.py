@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.autoencoder import AutoencoderKL
 from model.checkpoint import load_autoencoder
 from model.config import ModelConfig
+from runtime.machine import cpu_flags, cpu_model, native_bf16
 from train.config import load_config
 
 MEASUREMENTS = Path(__file__).resolve().parent / "measurements"
@@ -28,27 +29,6 @@ GPU_PEAKS = {"H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
              "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
              "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
              "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}}
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags from /proc/cpuinfo (empty where it does not exist)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _cpu_mhz() -> float | None:
@@ -72,7 +52,7 @@ def cpu_peak(threads: int) -> dict[str, Any]:
     return {"fp32_flops": threads * mhz * 1e6 * per_cycle, "derivation":
             f"{threads} cores x {mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle "
             f"({lanes} lanes x {fma} (FMA) x {pipes} pipes)",
-            "native_bf16": "avx512_bf16" in flags or "amx_bf16" in flags}
+            "native_bf16": native_bf16()}
 
 
 def gpu_peak(name: str, precision: str) -> float | None:
@@ -102,7 +82,7 @@ def machine() -> dict[str, Any]:
     """Where and when a benchmark ran: CPU, GPU, load, thread count, library versions."""
     info = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "host": platform.node(), "python": sys.version.split()[0],
-            "cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+            "cpu": cpu_model(), "cpu_count": os.cpu_count(),
             "cpu_mhz_reported": _cpu_mhz(), "torch_threads": torch.get_num_threads(),
             "load_average": os.getloadavg(),
             "isa": sorted(f for f in cpu_flags() if f.startswith(("avx", "amx", "fma"))),

@@ -1,6 +1,7 @@
 """`python -m bench.conv`: one 3x3 convolution, NNPACK's Winograd kernel (runtime/fast_layers.py's
 WinogradConv2d) against torch's default CPU convolution (oneDNN), per layer shape, batch 1,
-fp32 inference: the measurement behind WinogradConv2d's size threshold (MIN_WINOGRAD_PIXELS).
+fp32 inference: where NNPACK wins by layer shape and map size on this CPU (WinogradConv2d measures
+the same race per layer at run time).
 
 The default shapes are every 3x3 layer shape of the tiny model (quickstart.yaml: 32-128
 channels, 64x64 maps) and of the full one (first_radio.yaml: 128-512 channels, 320x320).

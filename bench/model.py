@@ -24,6 +24,7 @@ import torch
 
 from model.io import from_model
 from model.metrics import psnr
+from runtime.autotune import options_for
 from runtime.malloc import malloc_reuse
 
 from .common import (MEASUREMENTS, build_model, cpu_peak, gpu_peak, machine, markdown_table,
@@ -69,6 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _options_name(name: str) -> bool:
+    try:
+        options_for(name)
+    except ValueError:
+        return False
+    return True
+
+
 def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
     ops = [o.strip() for o in args.ops.split(",") if o.strip()]
     bad = [o for o in ops if o not in OPS]
@@ -81,10 +90,11 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     known = GPU_PATHS if args.device.type == "cuda" else CPU_PATHS
     if args.paths:
         args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-        bad = [p for p in args.paths if p not in known]
+        bad = [p for p in args.paths if p not in known and not _options_name(p)]
         if bad:
             parser.error(f"--paths: {bad[0]!r} is not a {args.device.type} path; "
-                         f"expected some of {list(known)}")
+                         f"expected some of {list(known)}, or inference options joined by + "
+                         "(e.g. bf16+channels_last+fused_attention)")
         if "baseline" not in args.paths:
             args.paths.insert(0, "baseline")
     else:
@@ -199,6 +209,10 @@ def profile(runner: Runner, op: str, x: torch.Tensor, rows: int = 15) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=rows)
 
 
+def _size(model, args: argparse.Namespace) -> tuple[int, int]:
+    return (args.size, args.size) if args.size else model.ddconfig.size
+
+
 def _build_runners(model, args: argparse.Namespace) -> tuple[list[Runner], list[dict]]:
     workdir = make_workdir()
     runners, skipped = [], []
@@ -206,7 +220,7 @@ def _build_runners(model, args: argparse.Namespace) -> tuple[list[Runner], list[
         print(f"setting up {name} ...", file=sys.stderr, flush=True)
         try:
             runners.append(build_runner(name, model, args.device, args.threads, args.onnx_dir,
-                                        workdir))
+                                        workdir, _size(model, args)))
         except Skip as why:
             skipped.append({"path": name, "status": f"skipped: {why}"})
     toggle = any(r.reuse_memory for r in runners)
@@ -220,7 +234,7 @@ def run(args: argparse.Namespace) -> dict:
     # "fp32" means fp32: TF32 matmuls/convolutions would be a precision change.
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
     model, source = build_model(args.config, args.ckpt)
-    size = (args.size, args.size) if args.size else model.ddconfig.size
+    size = _size(model, args)
     runners, skipped = _build_runners(model, args)
     results, profiles = [], {}
     for op in args.ops:

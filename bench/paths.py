@@ -16,7 +16,8 @@ from typing import Callable
 import torch
 
 from model.autoencoder import AutoencoderKL
-from runtime.inference import InferenceOptions, prepare_for_inference
+from runtime.autotune import autotune, options_for
+from runtime.inference import prepare_for_inference
 
 from .common import cpu_peak
 
@@ -58,11 +59,10 @@ def plain(model: AutoencoderKL, device: torch.device) -> Runner:
 
 def fast(name: str, model: AutoencoderKL, device: torch.device,
          options: dict[str, object] | None) -> Runner:
-    """A runtime/inference.py path with exactly `options` (the others off), or with the
-    device's defaults (`options` None: what `prepare_for_inference(model, device)` gives)."""
-    off = {f: False for f in InferenceOptions.__dataclass_fields__ if f != "precision"}
-    overrides = {} if options is None else {**off, "precision": "fp32", **options}
-    prepared = prepare_for_inference(copy.deepcopy(model), device, **overrides)
+    """A runtime/inference.py path with exactly `options` (every InferenceOptions field), or
+    with the device's defaults (`options` None: what `prepare_for_inference(model, device)`
+    gives)."""
+    prepared = prepare_for_inference(copy.deepcopy(model), device, **(options or {}))
     return Runner(name, lambda x: prepared.encode(x).mean.cpu(),
                   lambda z: prepared.decode(z).cpu(), prepared.options.precision,
                   prepared.options.reuse_memory)
@@ -127,11 +127,12 @@ def diffusers_peer(model: AutoencoderKL, device: torch.device, workdir: Path) ->
     return Runner("diffusers", encode, decode)
 
 
-# "default" is prepare_for_inference's choice for the device; the others name their options.
-CPU_PATHS = ("baseline", "default", "channels_last", "winograd", "matmul_1x1",
+# "default" is prepare_for_inference's choice for the device, "auto" what runtime/autotune.py
+# measures as the fastest accurate path here; the others name their options.
+CPU_PATHS = ("baseline", "default", "auto", "channels_last", "winograd", "matmul_1x1",
              "fused_attention", "reuse_memory", "bf16", "compile",
              "compile+matmul_1x1+fused_attention+reuse_memory", "onnx-cpu", "diffusers")
-GPU_PATHS = ("baseline", "default", "channels_last", "fused_attention", "bf16", "fp16",
+GPU_PATHS = ("baseline", "default", "auto", "channels_last", "fused_attention", "bf16", "fp16",
              "bf16+channels_last+fused_attention", "fp16+channels_last+fused_attention",
              "compile", "compile+bf16+channels_last", "compile+fp16+channels_last+fused_attention",
              "cuda_graphs+bf16+channels_last", "cuda_graphs+fp16+channels_last+fused_attention",
@@ -151,31 +152,22 @@ def default_paths(device: torch.device, with_compile: bool, threads: int) -> lis
     return paths
 
 
-def _options(name: str) -> dict[str, object] | None:
-    """'compile+bf16' -> {'compile': True, 'precision': 'bf16'}; 'default' -> None."""
-    if name == "default":
-        return None
-    options: dict[str, object] = {}
-    for part in name.split("+"):
-        if part in ("bf16", "fp16"):
-            options["precision"] = part
-        else:
-            options[part] = True
-    return options
-
-
 def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads: int,
-                 onnx_dir: str | None, workdir: Path) -> Runner:
-    """The runner for path `name`, its setup time recorded (export, conversion, loading)."""
+                 onnx_dir: str | None, workdir: Path, size: tuple[int, int]) -> Runner:
+    """The runner for path `name`, its setup time recorded (export, conversion, loading,
+    measuring: "auto" measures afresh, its cache unused, so its setup time is the tuning's)."""
     start = time.perf_counter()
-    if name == "baseline":
+    if name == "auto":
+        choice = autotune(model, device, size, use_cache=False)
+        runner = fast(f"auto={choice.path}", model, device, choice.options)
+    elif name == "baseline":
         runner = plain(model, device)
     elif name == "diffusers":
         runner = diffusers_peer(model, device, workdir)
     elif name.startswith("onnx-"):
         runner = onnx(name, model, name[len("onnx-"):], threads, onnx_dir, workdir)
     else:
-        runner = fast(name, model, device, _options(name))
+        runner = fast(name, model, device, None if name == "default" else options_for(name))
     runner.setup_s = time.perf_counter() - start
     return runner
 

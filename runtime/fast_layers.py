@@ -4,6 +4,7 @@ swap that installs them."""
 from __future__ import annotations
 
 import functools
+import time
 from typing import Callable
 
 import torch
@@ -12,11 +13,7 @@ from torch import nn
 
 from model.blocks import AttnBlock
 
-# Where NNPACK's Winograd kernel beats oneDNN's direct convolution on a 2-core AVX2 CPU
-# (`python -m bench.conv`, bench/RESULTS.md): 128+ channels on both sides and maps of 40x40 or
-# more (1.1-4x faster); thinner layers or smaller maps are 1.2-2.7x slower through NNPACK.
-MIN_WINOGRAD_CHANNELS = 128
-MIN_WINOGRAD_PIXELS = 40 * 40
+TIMED_CALLS = 3  # per kernel, when a layer first meets an input size
 
 
 @functools.lru_cache(maxsize=1)
@@ -51,32 +48,71 @@ def _fast_here(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
+def _median_seconds(fn: Callable[[], torch.Tensor]) -> float:
+    fn()  # warm-up: NNPACK's and oneDNN's one-time setup
+    times = []
+    for _ in range(TIMED_CALLS):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def nnpack_is_faster(nnpack: Callable[[], torch.Tensor], onednn: Callable[[], torch.Tensor]
+                     ) -> bool:
+    """Whether `nnpack()` ran faster than `onednn()` here (medians of TIMED_CALLS each)."""
+    return _median_seconds(nnpack) < _median_seconds(onednn)
+
+
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 Conv2d that runs NNPACK's Winograd kernel on CPU float32
-    inference inputs of at least MIN_WINOGRAD_PIXELS per map, and the ordinary convolution
-    otherwise (smaller maps, GPU, other dtypes, autograd)."""
+    inference inputs where, for this layer at this input size, it measured faster than oneDNN's
+    direct convolution, and the ordinary convolution otherwise (GPU, other dtypes, autograd).
+
+    Winograd needs several times fewer multiplications, which wins on wide layers and large
+    maps and loses on thin layers and small maps; where the line falls is a fact of the CPU (on
+    a 2-core AVX2 EPYC: 128+ channels and 40x40+ maps; bench/RESULTS.md), so each layer times
+    both kernels on one map the first time it meets an input size and remembers the winner
+    (`measured`: size -> NNPACK won). That first call costs a few convolutions more; a server's
+    warm-up pays it at the served size."""
+
+    measured: dict[tuple[int, int], bool]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not _fast_here(x) or x.shape[-2] * x.shape[-1] < MIN_WINOGRAD_PIXELS:
+        if not _fast_here(x) or not self._nnpack_wins(x):
             return super().forward(x)
         # One map at a time: for batches NNPACK switches to its training-oriented kernel,
         # measured 2-3x slower per map than its single-map inference kernel.
-        maps = [torch._nnpack_spatial_convolution(m, self.weight, self.bias, [1, 1], [1, 1])
-                for m in x.contiguous().split(1)]
+        maps = [self._nnpack(m) for m in x.contiguous().split(1)]
         return maps[0] if len(maps) == 1 else torch.cat(maps)
+
+    def _nnpack(self, x: torch.Tensor) -> torch.Tensor:
+        return torch._nnpack_spatial_convolution(x, self.weight, self.bias, [1, 1], [1, 1])
+
+    def _nnpack_wins(self, x: torch.Tensor) -> bool:
+        size = (x.shape[-2], x.shape[-1])
+        if size not in self.measured:
+            one = x[:1].contiguous()
+            try:
+                self.measured[size] = nnpack_is_faster(
+                    lambda: self._nnpack(one), lambda: self._conv_forward(one, self.weight,
+                                                                          self.bias))
+            except RuntimeError:  # a shape NNPACK refuses: oneDNN, from now on
+                self.measured[size] = False
+        return self.measured[size]
 
     @classmethod
     def eligible(cls, module: nn.Module) -> bool:
-        """3x3, stride 1, padding 1, and wide: on thinner layers (the network's 1-channel
-        conv_in / conv_out, the tiny models' 32-64-channel ones) oneDNN's convolution is faster."""
-        return (_plain_conv(module, 3)
-                and min(module.in_channels, module.out_channels) >= MIN_WINOGRAD_CHANNELS)
+        """3x3, stride 1, padding 1 (whether NNPACK is faster is measured, per input size)."""
+        return _plain_conv(module, 3)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d) -> WinogradConv2d:
         """A WinogradConv2d sharing `conv`'s parameters."""
-        return _share(conv, cls(conv.in_channels, conv.out_channels, 3, padding=1,
-                                bias=conv.bias is not None, device="meta"))
+        new = _share(conv, cls(conv.in_channels, conv.out_channels, 3, padding=1,
+                               bias=conv.bias is not None, device="meta"))
+        new.measured = {}
+        return new
 
 
 class PointwiseConv2d(nn.Conv2d):

@@ -3,9 +3,10 @@ whose defaults are the fastest path measured accurate (PSNR >= 50 dB against the
 output) on that kind of device; bench/RESULTS.md holds the measurements.
 
 Paths (each an `InferenceOptions` field):
-- `winograd` (CPU): 3x3 stride-1 convolutions of 128+ channels on maps of 40x40 or more run
-  through NNPACK's Winograd kernels, which need several times fewer multiplications than direct
-  convolution (thinner layers and smaller maps keep oneDNN, faster there). fp32 throughout.
+- `winograd` (CPU): 3x3 stride-1 convolutions run through NNPACK's Winograd kernels, which
+  need several times fewer multiplications than direct convolution, in each layer and at each
+  input size where that measured faster than oneDNN (timed on first use; wide layers on large
+  maps win, thin layers and small maps keep oneDNN). fp32 throughout.
 - `matmul_1x1` (CPU): 1x1 convolutions as one matrix product per map.
 - `fused_attention`: the mid-block attention computes q, k, v as one matmul each in a
   [N, HW, C] layout, which scaled_dot_product_attention runs with its fused (flash) kernel;

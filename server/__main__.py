@@ -57,6 +57,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
+def _check_path(settings: Settings, backend: str) -> None:
+    """--path: a known name, for the torch backend, and not beside --precision."""
+    from runtime.autotune import options_for
+
+    if backend != "torch":
+        raise ValueError("--path applies to the torch backend (an export runs as exported)")
+    if settings.precision != "auto":
+        raise ValueError(f"--path {settings.path} and --precision {settings.precision} both "
+                         "choose the precision: give one of them")
+    if settings.path != "default":
+        options_for(settings.path)  # ValueError naming the unknown part
+
+
 def _prepare(settings: Settings):
     """Everything checkable before a process starts: the model, the limits, the API key."""
     from .spec import describe_model, limits_of
@@ -65,6 +78,8 @@ def _prepare(settings: Settings):
     limits = limits_of(settings, spec)
     if settings.precision != "auto" and spec.backend != "torch":
         raise ValueError("--precision applies to the torch backend (an export runs as exported)")
+    if settings.path != "auto":
+        _check_path(settings, spec.backend)
     accelerator = resolve_accelerator(settings.device)  # --device cuda without one: stop here
     if settings.precision in ("bf16", "fp16") and accelerator != "cuda":
         raise ValueError(f"--precision {settings.precision} needs a CUDA device (on a CPU it is "

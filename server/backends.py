@@ -17,6 +17,7 @@ import torch
 
 from model.checkpoint import load_autoencoder
 from model.config import ModelConfig, from_dict
+from runtime.autotune import autotune, options_for
 from runtime.inference import prepare_for_inference
 from runtime.tiling import Tiler
 
@@ -39,14 +40,23 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The checkpoint's AutoencoderKL through runtime.inference: inference_mode, and the fast path
-    measured for the device (fp16 + channels_last on CUDA, Winograd convolutions on CPU), or
-    the precision asked for ('auto': the device's default)."""
+    """The checkpoint's AutoencoderKL through runtime.inference, on the path `path` names:
+    'auto' measures the candidates on this machine at `size` (runtime/autotune.py, cached),
+    'default' is the device's built-in default, any other name pins that path; a `precision`
+    other than 'auto' applies that precision to the default path instead."""
 
-    def __init__(self, spec: ModelSpec, device: str, precision: str = "auto"):
+    def __init__(self, spec: ModelSpec, device: str, precision: str = "auto",
+                 path: str = "auto", size: Optional[tuple[int, int]] = None):
         config = from_dict(ModelConfig, spec.model_config, "model")
         model = load_autoencoder(spec.path, config, map_location="cpu")
-        options = {} if precision == "auto" else {"precision": precision}
+        self.autotuned: Optional[dict] = None
+        if precision != "auto":
+            options: dict = {"precision": precision}
+        elif path == "auto":
+            choice = autotune(model, device, size or spec.config_size)
+            options, self.autotuned = choice.options, choice.report()
+        else:
+            options = {} if path == "default" else options_for(path)
         self.model = prepare_for_inference(model, device, **options)
 
     def encode(self, x: torch.Tensor, tiler: Optional[Tiler] = None
@@ -73,7 +83,8 @@ class TorchBackend:
 
     def describe(self) -> dict[str, str]:
         return {"backend": "torch", "provider": f"torch {torch.__version__}",
-                "device": str(self.model.device), "precision": self.model.options.describe()}
+                "device": str(self.model.device), "precision": self.model.options.describe(),
+                "autotune": self.autotuned}
 
 
 class OnnxBackend:
@@ -139,9 +150,11 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 
 def load_backend(spec: ModelSpec, device: str, precision: str = "auto",
-                 require_cuda: bool = False, threads: int = 0) -> Backend:
-    """The backend `spec` names, on `device` ('cpu', 'cuda:0', ...); torch threads are set by
-    the caller (torch.set_num_threads is process-wide)."""
+                 require_cuda: bool = False, threads: int = 0, path: str = "auto",
+                 size: Optional[tuple[int, int]] = None) -> Backend:
+    """The backend `spec` names, on `device` ('cpu', 'cuda:0', ...), the torch one on `path`
+    tuned at `size`; torch threads are set by the caller (torch.set_num_threads is
+    process-wide)."""
     if spec.backend == "onnx":
         return OnnxBackend(spec, device, require_cuda, threads)
-    return TorchBackend(spec, device, precision)
+    return TorchBackend(spec, device, precision, path, size)

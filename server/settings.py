@@ -39,6 +39,7 @@ class Settings:
     config: Optional[str] = None
     api_key_env: Optional[str] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    path: str = "auto"  # torch backend: auto (measured, runtime/autotune.py), default, or a name
     shutdown_timeout: float = 10.0
     # per HTTP process: open connections and requests in progress (uvicorn's limit_concurrency:
     # past it, 503); the bound on upload memory is about max_connections x max_body_mb
@@ -169,6 +170,12 @@ def _parser() -> argparse.ArgumentParser:
         help="torch backend: the network's arithmetic; auto: the device's measured default "
              "(CPU fp32, CUDA fp16 with fp32 recompute on overflow); bf16 / fp16 need CUDA "
              f"{_default('precision')}")
+    add("--path", metavar="auto|default|NAME",
+        help="torch backend: the inference path; auto measures the candidates on this machine "
+             "at the served size at start (cached per machine, model and size; GET /info shows "
+             "the table), default is the built-in default, a name such as "
+             "'bf16+channels_last+fused_attention' pins one (docs/performance.md) "
+             f"{_default('path')}")
     add("--shutdown-timeout", type=_positive_float,
         help=f"seconds in-flight requests get after SIGTERM {_default('shutdown_timeout')}")
     add("--max-connections", type=_positive_int,

@@ -13,6 +13,7 @@ import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import zlib
@@ -35,6 +36,9 @@ from server.client import Client, ServerError
 from tests.conftest import tiny_model_config
 
 REPO = Path(__file__).resolve().parent.parent
+# Servers started by the tests cache their measured inference path here, not in the user's
+# cache: one measurement per model and size per test run (runtime/autotune.py).
+AUTOTUNE_CACHE = Path(tempfile.gettempdir()) / f"radiodiff-test-autotune-{os.getpid()}"
 KEY = "test-key-123"
 NPY, PNG, JSON = "application/x-npy", "image/png", "application/json"
 ATOL = 1e-4  # the server's CPU path (Winograd convolutions) re-associates fp32 sums
@@ -107,7 +111,8 @@ def running_server(model: Path, args: list[str], env: dict[str, str],
     the command `prefix` if any, ready; yields (url, port, process, log path), and stops every
     process of it afterwards."""
     port, log = _free_port(), model / "server.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO), **env}
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RADIODIFF_CACHE_DIR": str(AUTOTUNE_CACHE),
+           **env}
     cmd = [*prefix, sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1",
            "--port", str(port), "--threads", "1", "--log-level", "warning", *args]
     with open(log, "wb") as out:

@@ -1,0 +1,87 @@
+"""The inference path chosen by measurement (runtime/autotune.py): the fastest accurate one,
+cached per machine, model and size; pinned or measured by the server, shown in /info."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import requests
+import torch
+
+from model.autoencoder import AutoencoderKL
+from runtime import autotune as at
+from runtime.inference import InferenceOptions
+from tests.test_server import running_server, save_tiny_checkpoint, tiny_model_config
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    monkeypatch.setenv(at.CACHE_ENV, str(tmp_path))
+    return tmp_path / "autotune"
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    return AutoencoderKL.from_config(tiny_model_config())
+
+
+def test_path_names_parse_to_options_and_unknown_parts_are_named():
+    options = at.options_for("bf16+channels_last+fused_attention")
+    assert options["precision"] == "bf16" and options["channels_last"]
+    assert not options["winograd"] and set(options) == set(InferenceOptions.__dataclass_fields__)
+    assert at.options_for("fp32") == {**{f: False for f in options}, "precision": "fp32"}
+    with pytest.raises(ValueError, match="'avx9'"):
+        at.options_for("bf16+avx9")
+
+
+def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cache):
+    choice = at.autotune(tiny, "cpu", (64, 64), calls=2)
+    table = {row.path: row for row in choice.table}
+    assert list(table) == at.candidates(torch.device("cpu"))
+    assert table["fp32"].accurate and table["fp32"].note == "the reference"
+    accurate = [row for row in choice.table if row.accurate]
+    assert choice.path == min(accurate, key=lambda r: r.total_ms).path
+    assert all(row.accurate == (min(row.encode_psnr_db, row.decode_psnr_db) >= 50)
+               for row in choice.table if row.path != "fp32")
+    files = list(cache.glob("*.json"))
+    assert len(files) == 1 and json.loads(files[0].read_text())["path"] == choice.path
+    again = at.autotune(tiny, "cpu", (64, 64))
+    assert again.cached == str(files[0]) and again.path == choice.path
+    assert [r.path for r in again.table] == list(table)
+    other = at.autotune(tiny, "cpu", (32, 32), calls=1)  # another size: measured anew
+    assert other.cached is None and len(list(cache.glob("*.json"))) == 2
+
+
+def test_a_spent_budget_leaves_the_rest_unmeasured_and_falls_back_to_fp32(tiny, cache):
+    choice = at.autotune(tiny, "cpu", (64, 64), budget_s=0.0, use_cache=False)
+    assert choice.path == "fp32" and not list(cache.glob("*.json"))
+    assert all("not measured" in row.note for row in choice.table)
+
+
+def test_a_changed_key_is_never_served_from_the_cache(tiny, cache, monkeypatch):
+    at.autotune(tiny, "cpu", (64, 64), calls=1)
+    monkeypatch.setattr(torch, "__version__", "0.0.0-other")  # another torch: measure again
+    assert at.autotune(tiny, "cpu", (64, 64), calls=1).cached is None
+
+
+def test_the_probe_maps_look_like_radio_maps():
+    maps = at.probe_maps(2, (64, 64))
+    assert maps.shape == (2, 1, 64, 64) and maps.min() == -1.0 and maps.max() <= 1.0
+    assert (maps == -1.0).float().mean() > 0.02  # buildings
+    assert not torch.equal(maps[0], maps[1])
+
+
+def test_the_server_shows_its_measured_choice_and_a_pin_skips_measuring(tmp_path):
+    save_tiny_checkpoint(tmp_path)
+    env = {at.CACHE_ENV: str(tmp_path / "cache")}
+    with running_server(tmp_path, [], env) as (url, *_):
+        workers = requests.get(url + "/info", timeout=10).json()["workers"]
+    tuned = [w["autotune"] for w in workers]
+    assert len({t["path"] for t in tuned}) == 1, "every endpoint runs the one choice"
+    assert sum(t["from_cache"] is None for t in tuned) == 1, "one worker measured, two read it"
+    assert {row["path"] for row in tuned[0]["table"]} == set(at.candidates(torch.device("cpu")))
+    path = "matmul_1x1+fused_attention"
+    with running_server(tmp_path, ["--path", path], env) as (url, *_):
+        workers = requests.get(url + "/info", timeout=10).json()["workers"]
+    assert all(w["autotune"] is None and w["precision"] == f"fp32+{path}" for w in workers)
