@@ -1,0 +1,111 @@
+"""`python -m bench.precision`: where reduced precision loses accuracy, block by block.
+
+For encode and decode, the network runs under bf16 (or fp16) autocast with one block at a time
+kept in fp32 (its input cast to float32, autocast off inside it), and once with none kept; each
+output is compared with the plain fp32 network's on synthetic radio maps (PSNR; encode: the
+posterior mean over its range, decode: the maps). A block whose fp32 island gains many dB is
+where the error comes from; gains spread thinly over every block mean the error accumulates
+through the depth of the network instead (docs/performance.md has the table).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import sys
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from model.autoencoder import AutoencoderKL
+from model.metrics import psnr
+
+from .common import MEASUREMENTS, build_model, machine, markdown_table, synthetic_maps, write_json
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def blocks(coder: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The coder's blocks in data order: conv_in, each level's res blocks and resampler, the
+    mid block's parts, norm_out, conv_out."""
+    found = [("conv_in", coder.conv_in)]
+    levels = getattr(coder, "down", None) or getattr(coder, "up")
+    for i, level in enumerate(levels):
+        for j, block in enumerate(level.block):
+            found.append((f"{'down' if hasattr(coder, 'down') else 'up'}[{i}].block[{j}]", block))
+    found += [(f"mid.{name}", module) for name, module in coder.mid.named_children()]
+    found += [("norm_out", coder.norm_out), ("conv_out", coder.conv_out)]
+    return found
+
+
+@contextlib.contextmanager
+def fp32_island(module: nn.Module) -> Iterator[None]:
+    """`module` computes in float32 while the rest runs under autocast."""
+    original = module.forward
+
+    def forward(x, *args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            return original(x.float(), *args, **kwargs)
+
+    module.forward = forward
+    try:
+        yield
+    finally:
+        module.forward = original
+
+
+def _run(model: AutoencoderKL, op: str, x: torch.Tensor, dtype) -> torch.Tensor:
+    with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
+        out = model.encode(x).mean if op == "encode" else model.decode(x)
+    return out.float()
+
+
+def attribute(model: AutoencoderKL, op: str, x: torch.Tensor, dtype) -> list[dict]:
+    ref = _run(model, op, x, None)
+    span = float(ref.max() - ref.min()) if op == "encode" else 2.0
+
+    def db(out: torch.Tensor) -> float:
+        return float(psnr(out, ref, data_range=span).min())
+
+    base = db(_run(model, op, x, dtype))
+    rows = [{"op": op, "fp32_block": "(none)", "psnr_db": round(base, 2), "gain_db": 0.0}]
+    coder = model.encoder if op == "encode" else model.decoder
+    for name, module in blocks(coder):
+        with fp32_island(module):
+            value = db(_run(model, op, x, dtype))
+        rows.append({"op": op, "fp32_block": name, "psnr_db": round(value, 2),
+                     "gain_db": round(value - base, 2)})
+        print(f"{op} {name}: {value:.2f} dB", file=sys.stderr, flush=True)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__,
+                                allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", help="model YAML (default first_radio.yaml)")
+    p.add_argument("--ckpt", help="a checkpoint's weights instead of seeded random ones")
+    p.add_argument("--size", type=int, help="map height = width (default: the config's)")
+    p.add_argument("--maps", type=int, default=2)
+    p.add_argument("--precision", choices=sorted(DTYPES), default="bf16")
+    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--json", default=str(MEASUREMENTS / "precision.json"))
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, source = build_model(args.config, args.ckpt)
+    size = (args.size, args.size) if args.size else model.ddconfig.size
+    maps = synthetic_maps(args.maps, *size)
+    with torch.inference_mode():
+        latents = copy.deepcopy(model).encode(maps).mean
+    dtype = DTYPES[args.precision]
+    rows = attribute(model, "encode", maps, dtype) + attribute(model, "decode", latents, dtype)
+    result = {"machine": machine(), "model": source, "size": list(size),
+              "precision": args.precision, "maps": args.maps, "rows": rows}
+    write_json(args.json, result)
+    print(markdown_table(rows, ["op", "fp32_block", "psnr_db", "gain_db"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
