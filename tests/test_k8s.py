@@ -73,14 +73,14 @@ def get_routes() -> set[str]:
 
     app = FastAPI()
     fake = SimpleNamespace(app=app, _health=noop, _info=noop, _metrics=noop)
-    RadioDiffServer._register_internal_endpoints(fake)
+    RadioDiffServer.register_internal_endpoints(fake)
     return {route.path for route in app.routes if "GET" in getattr(route, "methods", ())}
 
 
 def shutdown_bound(s: Settings) -> float:
     """Worst-case seconds from SIGTERM to exit, step by step as server/app.py bounds them:
     each HTTP process drains (+2 s, then a kill and 1 s), each inference process gets
-    WORKER_STOP_TIMEOUT (then a kill and 1 s), litserve's monitor thread (poll + 1 s)."""
+    WORKER_STOP_TIMEOUT (then a kill and 1 s), the worker supervisor thread (poll + 1 s)."""
     workers = len(OPERATIONS) * s.workers_per_device  # one device per replica
     return (s.api_servers * (s.shutdown_timeout + 2 + 1) + workers * (WORKER_STOP_TIMEOUT + 1)
             + 0.5 + 1)

@@ -4,7 +4,11 @@ in what the cgroup has left gets 503 with Retry-After and never runs, the worker
 a request that fits is served; and the unit pieces of server/memory.py against /proc."""
 from __future__ import annotations
 
+import json
 import os
+import subprocess
+import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -18,6 +22,7 @@ from tests.test_server import NPY, running_server, save_tiny_checkpoint
 from tests.test_server_queue import Server
 
 NO_MEMORY = 'radiodiff_rejections_total{endpoint="/reconstruct",reason="no_memory"}'
+REPO = Path(__file__).resolve().parents[1]
 START_LIMIT = 4 << 30  # bytes: room to start three workers, lowered once they are ready
 LEFT = 400 << 20  # bytes the cgroup has left after lowering
 
@@ -59,7 +64,6 @@ class MemoryCgroup:
                 self.path.rmdir()
                 return
             except OSError:
-                import time
                 time.sleep(0.1)
 
 
@@ -97,14 +101,26 @@ def test_a_request_that_does_not_fit_in_memory_gets_503_and_never_runs(tmp_path,
         assert proc.poll() is None
 
 
+PEAK_PROBE = """
+import json, numpy as np
+from server import memory
+base = memory.resident_bytes()
+assert memory.reset_peak()
+block = np.ones(256 << 20, np.uint8)  # 256 MiB touched, then freed: the peak must keep it
+del block
+print(json.dumps([base, memory.resident_bytes(), memory.peak_resident_bytes()]))
+"""
+
+
 def test_memory_readings_match_proc():
     status = Path("/proc/self/status").read_text()
     rss = int(status.split("VmRSS:")[1].split()[0]) * 1024
     assert abs(memory.resident_bytes() - rss) < 64 << 20
-    assert memory.reset_peak()
-    block = np.ones(256 << 20, np.uint8)  # 256 MiB touched: the peak must show it
-    assert memory.peak_resident_bytes() - rss > 200 << 20
-    del block
+    # in a fresh process, where the allocation cannot reuse memory freed by earlier tests
+    out = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout
+    base, after, peak = json.loads(out)
+    assert peak - base > 200 << 20 and after < peak
     free = memory.available_bytes()
     total = memory.capacity_bytes()
     meminfo = Path("/proc/meminfo").read_text()
@@ -112,14 +128,12 @@ def test_memory_readings_match_proc():
     assert free <= total <= int(meminfo.split("MemTotal:")[1].split()[0]) * 1024
 
 
-def test_a_cgroup_limit_bounds_available_and_capacity(cgroup, tmp_path):
-    import subprocess
-    import sys
+def test_a_cgroup_limit_bounds_available_and_capacity(cgroup):
     cgroup.set_limit(2 << 30)
     code = ("from server import memory; import json; "
             "print(json.dumps([memory.available_bytes(), memory.capacity_bytes()]))")
     out = subprocess.run([*cgroup.prefix, sys.executable, "-c", code], capture_output=True,
-                         text=True, check=True, cwd=Path(__file__).resolve().parents[1]).stdout
+                         text=True, check=True, cwd=REPO).stdout
     free, total = (int(v) for v in out.strip("[]\n").split(","))
     assert total == 2 << 30
     assert 0 < free < 2 << 30
