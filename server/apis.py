@@ -207,12 +207,13 @@ class RadioAPI(ls.LitAPI):
                  precision: str = "auto", require_cuda: bool = False, log_level: str = "info",
                  threads: int = 0, warmup_size: Optional[tuple[int, int]] = None,
                  budget: BudgetPolicy = UNBOUNDED, max_queue: Optional[int] = None,
-                 path: str = "auto"):
+                 path: str = "auto", autotune_budget: float = 60.0):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          api_path=f"/{self.name}", loop=BlockingBatchedLoop())
         self.model_spec, self.precision, self.require_cuda = spec, precision, require_cuda
         self.log_level, self.threads, self.budget = log_level, threads, budget
-        self.path = path  # the torch backend's inference path (runtime/autotune.py)
+        # the torch backend's inference path, and what measuring it may cost (runtime/autotune.py)
+        self.path, self.autotune_budget = path, autotune_budget
         self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
         # Manager dicts the server attaches: what each worker published (for /info), and the
         # requests each worker is running (for the supervisor, should the worker die).
@@ -231,7 +232,8 @@ class RadioAPI(ls.LitAPI):
         if self.threads:
             torch.set_num_threads(self.threads)
         self.backend = load_backend(self.model_spec, device, self.precision, self.require_cuda,
-                                    self.threads, self.path, self.warmup_size)
+                                    self.threads, self.path, self.warmup_size,
+                                    self.autotune_budget)
         self.base_resident = memory.resident_bytes() or 0
         rate, self.bytes_per_megapixel = self._measure_warmup()
         self.seconds_per_megapixel = rate
@@ -429,5 +431,5 @@ def build_apis(spec: ModelSpec, settings: Settings) -> list[RadioAPI]:
     return [cls(spec, settings.max_batch_size, settings.batch_timeout, settings.precision,
                 settings.device == "cuda", settings.log_level, settings.threads,
                 settings.resolution, budget=budget, max_queue=settings.queue_capacity,
-                path=settings.path)
+                path=settings.path, autotune_budget=settings.autotune_budget)
             for cls in (EncodeAPI, DecodeAPI, ReconstructAPI)]

@@ -46,14 +46,15 @@ class TorchBackend:
     other than 'auto' applies that precision to the default path instead."""
 
     def __init__(self, spec: ModelSpec, device: str, precision: str = "auto",
-                 path: str = "auto", size: Optional[tuple[int, int]] = None):
+                 path: str = "auto", size: Optional[tuple[int, int]] = None,
+                 budget_s: float = 60.0):
         config = from_dict(ModelConfig, spec.model_config, "model")
         model = load_autoencoder(spec.path, config, map_location="cpu")
         self.autotuned: Optional[dict] = None
         if precision != "auto":
             options: dict = {"precision": precision}
         elif path == "auto":
-            choice = autotune(model, device, size or spec.config_size)
+            choice = autotune(model, device, size or spec.config_size, budget_s=budget_s)
             options, self.autotuned = choice.options, choice.report()
         else:
             options = {} if path == "default" else options_for(path)
@@ -151,10 +152,10 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 def load_backend(spec: ModelSpec, device: str, precision: str = "auto",
                  require_cuda: bool = False, threads: int = 0, path: str = "auto",
-                 size: Optional[tuple[int, int]] = None) -> Backend:
+                 size: Optional[tuple[int, int]] = None, budget_s: float = 60.0) -> Backend:
     """The backend `spec` names, on `device` ('cpu', 'cuda:0', ...), the torch one on `path`
     tuned at `size`; torch threads are set by the caller (torch.set_num_threads is
     process-wide)."""
     if spec.backend == "onnx":
         return OnnxBackend(spec, device, require_cuda, threads)
-    return TorchBackend(spec, device, precision, path, size)
+    return TorchBackend(spec, device, precision, path, size, budget_s)

@@ -40,6 +40,7 @@ class Settings:
     api_key_env: Optional[str] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     path: str = "auto"  # torch backend: auto (measured, runtime/autotune.py), default, or a name
+    autotune_budget: float = 60.0  # seconds --path auto may spend measuring (then: cached)
     shutdown_timeout: float = 10.0
     # per HTTP process: open connections and requests in progress (uvicorn's limit_concurrency:
     # past it, 503); the bound on upload memory is about max_connections x max_body_mb
@@ -176,6 +177,9 @@ def _parser() -> argparse.ArgumentParser:
              "the table), default is the built-in default, a name such as "
              "'bf16+channels_last+fused_attention' pins one (docs/performance.md) "
              f"{_default('path')}")
+    add("--autotune-budget", type=_non_negative_float, metavar="S",
+        help="seconds --path auto may spend measuring candidates at start when nothing is "
+             "cached; the ones not reached are skipped " f"{_default('autotune_budget')}")
     add("--shutdown-timeout", type=_positive_float,
         help=f"seconds in-flight requests get after SIGTERM {_default('shutdown_timeout')}")
     add("--max-connections", type=_positive_int,
