@@ -152,6 +152,18 @@ def default_paths(device: torch.device, with_compile: bool, threads: int) -> lis
     return paths
 
 
+def _auto(choice, model: AutoencoderKL, device: torch.device) -> Runner:
+    """The autotuner's choice, per operation: encode on the encoder's path, decode on the
+    decoder's (the server runs each endpoint on its own)."""
+    encoder = fast("encode", model, device, choice.options("encode"))
+    decoder = fast("decode", model, device, choice.options("decode"))
+    paths = {op: choice.path_for(op) for op in ("encode", "decode")}
+    name = ("auto=" + paths["encode"] if len(set(paths.values())) == 1 else
+            f"auto=enc:{paths['encode']},dec:{paths['decode']}")
+    return Runner(name, encoder.encode, decoder.decode, reuse_memory=encoder.reuse_memory
+                  or decoder.reuse_memory)
+
+
 def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads: int,
                  onnx_dir: str | None, workdir: Path, size: tuple[int, int]) -> Runner:
     """The runner for path `name`, its setup time recorded (export, conversion, loading,
@@ -159,7 +171,7 @@ def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads:
     start = time.perf_counter()
     if name == "auto":
         choice = autotune(model, device, size, use_cache=False)
-        runner = fast(f"auto={choice.path}", model, device, choice.options)
+        runner = _auto(choice, model, device)
     elif name == "baseline":
         runner = plain(model, device)
     elif name == "diffusers":

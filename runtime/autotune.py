@@ -3,8 +3,9 @@
 `autotune(model, device, size)` times every candidate path (runtime/inference.py options,
 named like 'winograd+matmul_1x1+fused_attention+reuse_memory') for a few calls of encode and
 of decode at the served resolution, checks each against the plain fp32 network on synthetic
-radio maps, and picks the fastest whose outputs stay >= 50 dB PSNR from fp32 (encode: the
-posterior mean, over its range; decode: the maps). Which path wins is a fact of the machine
+radio maps, and picks per operation the fastest whose output stays >= 50 dB PSNR from fp32
+(encode: the posterior mean, over its range; decode: the maps; reconstruct: both), since an
+encoder can stay accurate in bf16 where its decoder does not. Which path wins is a fact of the machine
 (an AVX2-only EPYC, an AMX-BF16 Xeon and a GPU each pick differently), so it is never a
 constant in code: the choice and its table are cached in the user cache directory, keyed by the
 CPU model and kernel flags, usable cores and threads, torch version, device, model config and
@@ -89,32 +90,49 @@ class Measured:
     decode_ms: Optional[float] = None
     encode_psnr_db: Optional[float] = None  # against the plain fp32 network
     decode_psnr_db: Optional[float] = None
-    accurate: bool = False
+    accurate: bool = False  # for encode and decode alike
     note: str = ""
 
-    @property
-    def total_ms(self) -> float:
-        return (self.encode_ms or 0.0) + (self.decode_ms or 0.0)
+    def ms(self, op: str) -> Optional[float]:
+        """Milliseconds per map of `op` (reconstruct: encode + decode); None if unmeasured."""
+        times = {"encode": [self.encode_ms], "decode": [self.decode_ms],
+                 "reconstruct": [self.encode_ms, self.decode_ms]}[op]
+        return None if None in times else sum(times)
+
+    def accurate_for(self, op: str) -> bool:
+        if self.path == REFERENCE:
+            return True
+        dbs = {"encode": [self.encode_psnr_db], "decode": [self.decode_psnr_db],
+               "reconstruct": [self.encode_psnr_db, self.decode_psnr_db]}[op]
+        return all(db is not None and db >= ACCURATE_DB for db in dbs)
+
+
+OPS = ("encode", "decode", "reconstruct")
 
 
 @dataclass
 class Choice:
-    path: str
+    """The measured table, and per operation the fastest path accurate for it: an encoder
+    can stay accurate in bf16 where the decoder does not."""
     table: list[Measured]
     key: dict[str, Any]
     seconds: float = 0.0  # spent measuring (0 when read from the cache)
     cached: Optional[str] = None  # the cache file read, if any
     measured_on: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
-    @property
-    def options(self) -> dict[str, object]:
-        return options_for(self.path)
+    def path_for(self, op: str = "reconstruct") -> str:
+        """The fastest path accurate for `op` (encode, decode, or reconstruct: both)."""
+        fit = [m for m in self.table if m.ms(op) is not None and m.accurate_for(op)]
+        return min(fit, key=lambda m: m.ms(op)).path if fit else REFERENCE
+
+    def options(self, op: str = "reconstruct") -> dict[str, object]:
+        return options_for(self.path_for(op))
 
     def report(self) -> dict[str, Any]:
         """For /info and logs."""
-        return {"path": self.path, "from_cache": self.cached, "seconds": round(self.seconds, 2),
-                "measured_on": self.measured_on, "accurate_db": ACCURATE_DB,
-                "table": [asdict(m) for m in self.table]}
+        return {"paths": {op: self.path_for(op) for op in OPS}, "from_cache": self.cached,
+                "seconds": round(self.seconds, 2), "measured_on": self.measured_on,
+                "accurate_db": ACCURATE_DB, "table": [asdict(m) for m in self.table]}
 
 
 def probe_maps(count: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -164,7 +182,7 @@ def _read_cache(key: dict[str, Any]) -> Optional[Choice]:
     if doc.get("key") != json.loads(json.dumps(key, default=str)):
         return None  # a hash collision or a hand-edited file: measure again
     table = [Measured(**row) for row in doc["table"]]
-    return Choice(doc["path"], table, key, cached=str(path), measured_on=doc["measured_on"])
+    return Choice(table, key, cached=str(path), measured_on=doc["measured_on"])
 
 
 def _write_cache(choice: Choice) -> None:
@@ -172,7 +190,8 @@ def _write_cache(choice: Choice) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": choice.key, "path": choice.path,
+        tmp.write_text(json.dumps({"key": choice.key,
+                                   "paths": {op: choice.path_for(op) for op in OPS},
                                    "measured_on": choice.measured_on,
                                    "table": [asdict(m) for m in choice.table]},
                                   indent=2, default=str) + "\n")
@@ -242,8 +261,8 @@ def autotune(model: AutoencoderKL, device: str | torch.device, size: tuple[int, 
     with _exclusive(key):
         cached = _read_cache(key)
         if cached is not None:
-            logger.info("autotune: %s (cached %s in %s)", cached.path, cached.measured_on,
-                        cached.cached)
+            logger.info("autotune: %s (cached %s in %s)", cached.report()["paths"],
+                        cached.measured_on, cached.cached)
             return cached
         choice = _tune(model, device, size, key, calls, budget_s)
         _write_cache(choice)
@@ -267,14 +286,12 @@ def _tune(model: AutoencoderKL, device: torch.device, size: tuple[int, int],
             table.append(_measure(name, model, device, probes, ref_mean, ref_maps, calls))
         except (RuntimeError, ValueError) as err:  # a path this build cannot run
             table.append(Measured(name, note=f"failed: {err}"))
-    accurate = [m for m in table if m.accurate]
-    best = min(accurate, key=lambda m: m.total_ms).path if accurate else REFERENCE
-    choice = Choice(best, table, key, seconds=time.monotonic() - start)
+    choice = Choice(table, key, seconds=time.monotonic() - start)
     for row in table:
-        logger.info("autotune: %-52s encode %8s ms  decode %8s ms  %s", row.path,
-                    _fmt(row.encode_ms), _fmt(row.decode_ms),
-                    row.note or f"{min(row.encode_psnr_db, row.decode_psnr_db):.1f} dB vs fp32")
-    logger.info("autotune: chose %s in %.1f s (cached for the next start)", best, choice.seconds)
+        logger.info("autotune: %-52s encode %8s ms %7s dB  decode %8s ms %7s dB  %s", row.path,
+                    _fmt(row.encode_ms), _fmt(row.encode_psnr_db), _fmt(row.decode_ms),
+                    _fmt(row.decode_psnr_db), row.note)
+    logger.info("autotune: chose %s in %.1f s", choice.report()["paths"], choice.seconds)
     return choice
 
 

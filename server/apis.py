@@ -233,7 +233,7 @@ class RadioAPI(ls.LitAPI):
             torch.set_num_threads(self.threads)
         self.backend = load_backend(self.model_spec, device, self.precision, self.require_cuda,
                                     self.threads, self.path, self.warmup_size,
-                                    self.autotune_budget)
+                                    self.autotune_budget, self.name)
         self.base_resident = memory.resident_bytes() or 0
         rate, self.bytes_per_megapixel = self._measure_warmup()
         self.seconds_per_megapixel = rate

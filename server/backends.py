@@ -41,13 +41,14 @@ class Backend(Protocol):
 
 class TorchBackend:
     """The checkpoint's AutoencoderKL through runtime.inference, on the path `path` names:
-    'auto' measures the candidates on this machine at `size` (runtime/autotune.py, cached),
+    'auto' measures the candidates on this machine at `size` (runtime/autotune.py, cached) and
+    runs the fastest accurate for `op` (this worker's endpoint),
     'default' is the device's built-in default, any other name pins that path; a `precision`
     other than 'auto' applies that precision to the default path instead."""
 
     def __init__(self, spec: ModelSpec, device: str, precision: str = "auto",
                  path: str = "auto", size: Optional[tuple[int, int]] = None,
-                 budget_s: float = 60.0):
+                 budget_s: float = 60.0, op: str = "reconstruct"):
         config = from_dict(ModelConfig, spec.model_config, "model")
         model = load_autoencoder(spec.path, config, map_location="cpu")
         self.autotuned: Optional[dict] = None
@@ -55,7 +56,7 @@ class TorchBackend:
             options: dict = {"precision": precision}
         elif path == "auto":
             choice = autotune(model, device, size or spec.config_size, budget_s=budget_s)
-            options, self.autotuned = choice.options, choice.report()
+            options, self.autotuned = choice.options(op), choice.report()
         else:
             options = {} if path == "default" else options_for(path)
         self.model = prepare_for_inference(model, device, **options)
@@ -152,10 +153,11 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 
 def load_backend(spec: ModelSpec, device: str, precision: str = "auto",
                  require_cuda: bool = False, threads: int = 0, path: str = "auto",
-                 size: Optional[tuple[int, int]] = None, budget_s: float = 60.0) -> Backend:
+                 size: Optional[tuple[int, int]] = None, budget_s: float = 60.0,
+                 op: str = "reconstruct") -> Backend:
     """The backend `spec` names, on `device` ('cpu', 'cuda:0', ...), the torch one on `path`
     tuned at `size`; torch threads are set by the caller (torch.set_num_threads is
     process-wide)."""
     if spec.backend == "onnx":
         return OnnxBackend(spec, device, require_cuda, threads)
-    return TorchBackend(spec, device, precision, path, size, budget_s)
+    return TorchBackend(spec, device, precision, path, size, budget_s, op)

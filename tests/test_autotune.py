@@ -35,19 +35,28 @@ def test_path_names_parse_to_options_and_unknown_parts_are_named():
         at.options_for("bf16+avx9")
 
 
+def test_an_operation_can_take_a_path_only_it_is_accurate_on():
+    fast_enc = at.Measured("bf16", 1.0, 1.0, 60.0, 40.0)  # encoder fine, decoder not
+    plain = at.Measured("fp32", 5.0, 9.0)
+    choice = at.Choice([fast_enc, plain], {})
+    assert [choice.path_for(op) for op in at.OPS] == ["bf16", "fp32", "fp32"]
+
+
 def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cache):
     choice = at.autotune(tiny, "cpu", (64, 64), calls=2)
     table = {row.path: row for row in choice.table}
     assert list(table) == at.candidates(torch.device("cpu"))
     assert table["fp32"].accurate and table["fp32"].note == "the reference"
-    accurate = [row for row in choice.table if row.accurate]
-    assert choice.path == min(accurate, key=lambda r: r.total_ms).path
+    for op in at.OPS:
+        fit = [row for row in choice.table if row.accurate_for(op)]
+        assert choice.path_for(op) == min(fit, key=lambda r: r.ms(op)).path, op
     assert all(row.accurate == (min(row.encode_psnr_db, row.decode_psnr_db) >= 50)
                for row in choice.table if row.path != "fp32")
     files = list(cache.glob("*.json"))
-    assert len(files) == 1 and json.loads(files[0].read_text())["path"] == choice.path
+    assert json.loads(files[0].read_text())["paths"] == choice.report()["paths"]
+    assert len(files) == 1
     again = at.autotune(tiny, "cpu", (64, 64))
-    assert again.cached == str(files[0]) and again.path == choice.path
+    assert again.cached == str(files[0]) and again.report()["paths"] == choice.report()["paths"]
     assert [r.path for r in again.table] == list(table)
     other = at.autotune(tiny, "cpu", (32, 32), calls=1)  # another size: measured anew
     assert other.cached is None and len(list(cache.glob("*.json"))) == 2
@@ -55,7 +64,7 @@ def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cac
 
 def test_a_spent_budget_leaves_the_rest_unmeasured_and_falls_back_to_fp32(tiny, cache):
     choice = at.autotune(tiny, "cpu", (64, 64), budget_s=0.0, use_cache=False)
-    assert choice.path == "fp32" and not list(cache.glob("*.json"))
+    assert {choice.path_for(op) for op in at.OPS} == {"fp32"} and not list(cache.glob("*.json"))
     assert all("not measured" in row.note for row in choice.table)
 
 
@@ -77,8 +86,12 @@ def test_the_server_shows_its_measured_choice_and_a_pin_skips_measuring(tmp_path
     env = {at.CACHE_ENV: str(tmp_path / "cache")}
     with running_server(tmp_path, [], env) as (url, *_):
         workers = requests.get(url + "/info", timeout=10).json()["workers"]
-    tuned = [w["autotune"] for w in workers]
-    assert len({t["path"] for t in tuned}) == 1, "every endpoint runs the one choice"
+    tuned = {w["endpoint"]: w["autotune"] for w in workers}
+    paths = tuned["/reconstruct"]["paths"]
+    for w in workers:  # each endpoint runs the path chosen for its operation
+        path = paths[w["endpoint"].strip("/")]
+        assert w["precision"] == InferenceOptions(**at.options_for(path)).describe(), w
+    tuned = list(tuned.values())
     assert sum(t["from_cache"] is None for t in tuned) == 1, "one worker measured, two read it"
     assert {row["path"] for row in tuned[0]["table"]} == set(at.candidates(torch.device("cpu")))
     path = "matmul_1x1+fused_attention"
