@@ -75,7 +75,8 @@ def candidates(device: torch.device) -> list[str]:
     reuse = "+reuse_memory" if glibc() is not None else ""
     names = []
     if machine.native_bf16():  # emulated bf16 is far slower than fp32: never a candidate
-        names += [f"bf16+channels_last+fused_attention{reuse}", f"bf16+fused_attention{reuse}"]
+        names += [f"bf16+channels_last+fused_attention{reuse}", f"bf16+fused_attention{reuse}",
+                  f"onednn_bf16+channels_last+fused_attention{reuse}"]
     if winograd_available():
         names.append(f"winograd+matmul_1x1+fused_attention{reuse}")
     names += [f"matmul_1x1+fused_attention{reuse}", f"channels_last+fused_attention{reuse}",

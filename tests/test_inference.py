@@ -242,3 +242,15 @@ def test_bad_options_are_named(tiny):
         prepared(tiny, cuda_graphs=True)
     with pytest.raises(ValueError, match="winograd does not combine with compile"):
         prepared(tiny, winograd=True, compile=True)
+
+
+def test_onednn_bf16_stays_close_to_fp32_and_leaves_the_global_setting_as_it_was(tiny):
+    x = torch.rand(2, 1, 64, 64) * 2 - 1
+    plain = prepared(tiny, winograd=False, matmul_1x1=False, fused_attention=False)
+    fast = prepared(tiny, winograd=False, onednn_bf16=True)
+    want, got = plain.reconstruct(x), fast.reconstruct(x)
+    assert torch.backends.mkldnn.conv.fp32_precision == "none"  # restored after the call
+    assert torch.backends.mkldnn.matmul.fp32_precision == "none"
+    assert got.dtype == torch.float32 and 0 < (got - want).abs().max() < 0.2
+    with pytest.raises(ValueError, match="does not combine with bf16"):
+        prepared(tiny, onednn_bf16=True, precision="bf16")
