@@ -127,6 +127,8 @@ def diffusers_peer(model: AutoencoderKL, device: torch.device, workdir: Path) ->
     return Runner("diffusers", encode, decode)
 
 
+BENCH_TUNING_S = 1800.0  # a benchmark measures every candidate (a server start is bounded)
+
 # "default" is prepare_for_inference's choice for the device, "auto" what runtime/autotune.py
 # measures as the fastest accurate path here; the others name their options.
 CPU_PATHS = ("baseline", "default", "auto", "channels_last", "winograd", "matmul_1x1",
@@ -170,7 +172,7 @@ def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads:
     measuring: "auto" measures afresh, its cache unused, so its setup time is the tuning's)."""
     start = time.perf_counter()
     if name == "auto":
-        choice = autotune(model, device, size, use_cache=False)
+        choice = autotune(model, device, size, use_cache=False, budget_s=BENCH_TUNING_S)
         runner = _auto(choice, model, device)
     elif name == "baseline":
         runner = plain(model, device)
