@@ -84,7 +84,7 @@ def test_the_probe_maps_look_like_radio_maps():
 def test_the_server_shows_its_measured_choice_and_a_pin_skips_measuring(tmp_path):
     save_tiny_checkpoint(tmp_path)
     env = {at.CACHE_ENV: str(tmp_path / "cache")}
-    with running_server(tmp_path, [], env) as (url, *_):
+    with running_server(tmp_path, [], env, path="auto") as (url, *_):
         workers = requests.get(url + "/info", timeout=10).json()["workers"]
     tuned = {w["endpoint"]: w["autotune"] for w in workers}
     paths = tuned["/reconstruct"]["paths"]
@@ -95,6 +95,6 @@ def test_the_server_shows_its_measured_choice_and_a_pin_skips_measuring(tmp_path
     assert sum(t["from_cache"] is None for t in tuned) == 1, "one worker measured, two read it"
     assert {row["path"] for row in tuned[0]["table"]} == set(at.candidates(torch.device("cpu")))
     path = "matmul_1x1+fused_attention"
-    with running_server(tmp_path, ["--path", path], env) as (url, *_):
+    with running_server(tmp_path, [], env, path=path) as (url, *_):
         workers = requests.get(url + "/info", timeout=10).json()["workers"]
     assert all(w["autotune"] is None and w["precision"] == f"fp32+{path}" for w in workers)

@@ -106,15 +106,18 @@ def save_tiny_checkpoint(root: Path) -> Path:
 
 @contextmanager
 def running_server(model: Path, args: list[str], env: dict[str, str],
-                   prefix: tuple[str, ...] = ()):
-    """`python -m server --model model *args` on loopback (one thread per worker), run through
-    the command `prefix` if any, ready; yields (url, port, process, log path), and stops every
-    process of it afterwards."""
+                   prefix: tuple[str, ...] = (), path: str = "default"):
+    """`python -m server --model model --path path *args` on loopback (one thread per worker),
+    run through the command `prefix` if any, ready; yields (url, port, process, log path), and
+    stops every process of it afterwards. The default path, not the measured one: these tests
+    compare answers with the fp32 network to 1e-4, and the autotuner may pick bf16 where it is
+    >= 50 dB (tests/test_autotune.py tests `--path auto`)."""
     port, log = _free_port(), model / "server.log"
     env = {**os.environ, "PYTHONPATH": str(REPO), "RADIODIFF_CACHE_DIR": str(AUTOTUNE_CACHE),
            **env}
     cmd = [*prefix, sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--threads", "1", "--log-level", "warning", *args]
+           "--port", str(port), "--threads", "1", "--log-level", "warning", "--path", path,
+           *args]
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
