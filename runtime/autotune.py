@@ -25,7 +25,6 @@ import hashlib
 import json
 import logging
 import os
-import statistics
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,7 +36,7 @@ from model.autoencoder import AutoencoderKL
 from model.metrics import psnr
 
 from . import machine
-from .fast_layers import winograd_available
+from .fast_layers import median_seconds, winograd_available
 from .inference import InferenceModel, InferenceOptions, prepare_for_inference
 from .malloc import glibc, malloc_reuse
 
@@ -201,16 +200,6 @@ def _write_cache(choice: Choice) -> None:
         logger.warning("autotune: cannot cache the choice in %s: %s", path.parent, err)
 
 
-def _median_ms(fn, x: torch.Tensor, calls: int) -> float:
-    fn(x)  # warm-up: one-time costs (allocations, oneDNN primitive creation)
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn(x)
-        times.append(time.perf_counter() - start)
-    return 1000.0 * statistics.median(times)
-
-
 def _measure(name: str, model: AutoencoderKL, device: torch.device, probes: torch.Tensor,
              ref_mean: torch.Tensor, ref_maps: torch.Tensor, calls: int) -> Measured:
     options = options_for(name)
@@ -220,8 +209,8 @@ def _measure(name: str, model: AutoencoderKL, device: torch.device, probes: torc
     latents = ref_mean.to(device)
     one_map, one_latent = probes[:1].to(device), latents[:1]
     result = Measured(name)
-    result.encode_ms = _median_ms(lambda x: engine.encode(x).mean.cpu(), one_map, calls)
-    result.decode_ms = _median_ms(lambda z: engine.decode(z).cpu(), one_latent, calls)
+    result.encode_ms = 1000.0 * median_seconds(lambda: engine.encode(one_map).mean.cpu(), calls)
+    result.decode_ms = 1000.0 * median_seconds(lambda: engine.decode(one_latent).cpu(), calls)
     if name == REFERENCE:
         result.accurate, result.note = True, "the reference"
         return result

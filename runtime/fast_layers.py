@@ -4,6 +4,7 @@ swap that installs them."""
 from __future__ import annotations
 
 import functools
+import statistics
 import time
 from typing import Callable
 
@@ -48,20 +49,22 @@ def _fast_here(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
-def _median_seconds(fn: Callable[[], torch.Tensor]) -> float:
-    fn()  # warm-up: NNPACK's and oneDNN's one-time setup
+def median_seconds(fn: Callable[[], object], calls: int = TIMED_CALLS) -> float:
+    """Median wall seconds of `calls` calls of `fn`, after one untimed warm-up call (one-time
+    setup: NNPACK's and oneDNN's primitives, allocations)."""
+    fn()
     times = []
-    for _ in range(TIMED_CALLS):
+    for _ in range(calls):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
+    return statistics.median(times)
 
 
 def nnpack_is_faster(nnpack: Callable[[], torch.Tensor], onednn: Callable[[], torch.Tensor]
                      ) -> bool:
     """Whether `nnpack()` ran faster than `onednn()` here (medians of TIMED_CALLS each)."""
-    return _median_seconds(nnpack) < _median_seconds(onednn)
+    return median_seconds(nnpack) < median_seconds(onednn)
 
 
 class WinogradConv2d(nn.Conv2d):
