@@ -7,6 +7,12 @@ under torchrun rank r encodes shards r, r + W, r + 2W, ... (W ranks), so every m
 exactly once whatever W is. (Training's DistributedSampler pads the last round by repeating
 items, which here would encode maps twice.) A finished shard (its receipt exists and its
 SHA-256 matches) is kept on a rerun; rank 0 writes index.json once all shards are there.
+
+The inference path (`--path`, as the server's) is decided once, by rank 0 of the job's first
+run, and recorded in job.json: every rank and every resume runs that path, so a resumed or
+sharded job writes the bytes one uninterrupted run writes (at the same thread count: oneDNN
+may split its sums by thread). Paths whose kernels are chosen by timing (Winograd) are never
+taken: two processes could time differently and round differently.
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import torch
@@ -23,10 +29,11 @@ from torch.utils.data import DataLoader, Subset
 from model.checkpoint import CheckpointError, latent_scaling
 from model.config import ConfigError
 from model.manifest import sha256_file, write_json_atomic
-from runtime.inference import prepare_for_inference
+from runtime.autotune import autotune, options_for, timing_dependent
+from runtime.inference import default_options, prepare_for_inference
 from train import distributed
 from train.data import DataError
-from train.loading import load_checkpoint_run, positive_int, whole_maps
+from train.loading import load_checkpoint_run, non_negative_float, positive_int, whole_maps
 
 from .latent_shards import FORMAT, INDEX, finished_receipt, write_shard
 
@@ -46,19 +53,46 @@ def _job_description(args: argparse.Namespace, loaded, dataset) -> dict:
             "shard_size": args.shard_size, "count": len(dataset)}
 
 
-def _claim_folder(out: Path, job: dict, env) -> None:
-    """Refuse a folder written by another job; record this one (rank 0)."""
+def _pinned_path(requested: str, device: torch.device) -> str | None:
+    """--path as a path name; None for 'auto' (measured when the job starts, else the held)."""
+    if requested == "auto":
+        return None
+    name = (replace(default_options(device), winograd=False).describe()
+            if requested == "default" else requested)
+    try:
+        options_for(name)
+    except ValueError as err:
+        raise LatentsJobError(f"--path {requested}: {err}") from None
+    if timing_dependent(name):
+        raise LatentsJobError(f"--path {requested}: Winograd picks its kernel per layer by "
+                              f"timing, so shards would depend on timing; name a path "
+                              f"without winograd")
+    return name
+
+
+def _measured_path(loaded, dataset, budget_s: float) -> str:
+    """The fastest encoder accurate to 50 dB on this machine at the split's size, not timing
+    dependent (runtime/autotune.py, cached)."""
+    size = tuple(dataset[0]["image"].shape[-2:])
+    choice = autotune(loaded.model, loaded.device, size, budget_s=budget_s)
+    return choice.path_for("encode", reproducible=True)
+
+
+def _claim_folder(out: Path, job: dict, env, measure) -> dict:
+    """Refuse a folder written by another job; record this one (rank 0, its path measured by
+    `measure()` when --path auto); returns the job as recorded, path included."""
     path = out / "job.json"
-    if path.exists():
-        held = json.loads(path.read_text())
-        differ = sorted(k for k in job if held.get(k) != job[k])
-        if differ:
-            raise LatentsJobError(f"{out} holds latents of another job (differs in "
-                                  f"{', '.join(differ)}); use another --out")
-    elif env.is_main:
+    if not path.exists() and env.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(path, job)
+        write_json_atomic(path, {**job, "path": job["path"] or measure()})
     distributed.barrier(env)
+    held = json.loads(path.read_text())
+    differ = sorted(k for k in job if held.get(k) != job[k]
+                    and not (k == "path" and job[k] is None))
+    if differ:
+        raise LatentsJobError(f"{out} holds latents of another job (differs in "
+                              f"{', '.join(differ)}); use another --out")
+    return held
 
 
 def _encode_shard(engine, dataset, items: range, store: str, seed: int, batch: int) -> dict:
@@ -94,9 +128,11 @@ def run(args: argparse.Namespace) -> dict:
         loaded = load_checkpoint_run(args.ckpt, args.cfg, args.overrides)
         dataset = whole_maps(loaded.run, args.split)
         out = Path(args.out)
-        job = _job_description(args, loaded, dataset)
-        _claim_folder(out, job, env)
-        engine = prepare_for_inference(loaded.model, loaded.device)
+        job = {**_job_description(args, loaded, dataset),
+               "path": _pinned_path(args.path, loaded.device)}
+        job = _claim_folder(out, job, env,
+                            lambda: _measured_path(loaded, dataset, args.autotune_budget))
+        engine = prepare_for_inference(loaded.model, loaded.device, **options_for(job["path"]))
         shards = _shards(len(dataset), args.shard_size)
         kept = written = encoded = 0
         start = time.perf_counter()
@@ -150,6 +186,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="the sample's seed (--store sample)")
     p.add_argument("--shard-size", type=positive_int, default=1024, help="maps per shard")
     p.add_argument("--batch-size", type=positive_int, default=8, help="maps per forward pass")
+    p.add_argument("--path", default="auto", metavar="auto|default|NAME",
+                   help="inference path: auto (default) measures the fastest encoder accurate "
+                        "to 50 dB, default is the device's own (without Winograd), NAME pins one "
+                        "(docs/performance.md); decided on the job's first run and kept")
+    p.add_argument("--autotune-budget", type=non_negative_float, default=60.0, metavar="S",
+                   help="seconds --path auto may spend measuring when nothing is cached "
+                        "(default 60)")
     return p
 
 

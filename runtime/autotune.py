@@ -65,6 +65,13 @@ def options_for(name: str) -> dict[str, object]:
     return options
 
 
+def timing_dependent(name: str) -> bool:
+    """Whether the path's output depends on timing: Winograd races NNPACK against oneDNN per
+    layer and size (runtime/fast_layers.py), and the two round differently, so two processes
+    may write different bits. A dataset job must not depend on that."""
+    return bool(options_for(name)["winograd"])
+
+
 def candidates(device: torch.device) -> list[str]:
     """The paths worth measuring on `device`, the likeliest winners first (a spent budget cuts
     the tail), the plain network last."""
@@ -120,9 +127,11 @@ class Choice:
     cached: Optional[str] = None  # the cache file read, if any
     measured_on: str = field(default_factory=lambda: time.strftime("%Y-%m-%dT%H:%M:%S"))
 
-    def path_for(self, op: str = "reconstruct") -> str:
-        """The fastest path accurate for `op` (encode, decode, or reconstruct: both)."""
-        fit = [m for m in self.table if m.ms(op) is not None and m.accurate_for(op)]
+    def path_for(self, op: str = "reconstruct", reproducible: bool = False) -> str:
+        """The fastest path accurate for `op` (encode, decode, or reconstruct: both);
+        `reproducible`: only paths whose kernels do not depend on timing (timing_dependent)."""
+        fit = [m for m in self.table if m.ms(op) is not None and m.accurate_for(op)
+               and not (reproducible and timing_dependent(m.path))]
         return min(fit, key=lambda m: m.ms(op)).path if fit else REFERENCE
 
     def options(self, op: str = "reconstruct") -> dict[str, object]:

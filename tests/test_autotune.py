@@ -42,6 +42,14 @@ def test_an_operation_can_take_a_path_only_it_is_accurate_on():
     assert [choice.path_for(op) for op in at.OPS] == ["bf16", "fp32", "fp32"]
 
 
+def test_a_reproducible_choice_skips_paths_that_pick_kernels_by_timing():
+    race = at.Measured("winograd+matmul_1x1", 1.0, 1.0, 120.0, 110.0)
+    plain = at.Measured("matmul_1x1", 2.0, 2.0, 130.0, 120.0)
+    choice = at.Choice([race, plain, at.Measured("fp32", 5.0, 9.0)], {})
+    assert choice.path_for("encode") == "winograd+matmul_1x1"
+    assert choice.path_for("encode", reproducible=True) == "matmul_1x1"
+
+
 def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cache):
     choice = at.autotune(tiny, "cpu", (64, 64), calls=2)
     table = {row.path: row for row in choice.table}

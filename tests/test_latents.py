@@ -30,9 +30,9 @@ def ckpt(tmp_path_factory):
     return write_tiny_checkpoint(tmp_path_factory.mktemp("lat") / "model-7.pt", seed=1)
 
 
-def _job(ckpt, out, *extra) -> list[str]:
+def _job(ckpt, out, *extra, path="default") -> list[str]:
     return ["latents", "--ckpt", str(ckpt), "--split", "train", "--out", str(out),
-            "--shard-size", "8", *extra, *DATA]
+            "--shard-size", "8", "--path", path, *extra, *DATA]
 
 
 def _shard_bytes(folder: Path) -> dict[str, bytes]:
@@ -45,8 +45,14 @@ def _dataset():
 
 @pytest.fixture(scope="module")
 def written(ckpt, tmp_path_factory):
-    out = tmp_path_factory.mktemp("written")
-    assert export_main(_job(ckpt, out)) == 0
+    """One uninterrupted run, at the one thread the subprocess runs below use: oneDNN may
+    split its sums by thread count, so bytes are only promised at equal thread counts."""
+    out, threads = tmp_path_factory.mktemp("written"), torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert export_main(_job(ckpt, out)) == 0
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 
@@ -122,3 +128,26 @@ def test_two_torchrun_ranks_write_every_map_exactly_once(written, ckpt, tmp_path
 def test_another_job_in_the_same_folder_is_refused(written, ckpt, capsys):
     assert export_main(_job(ckpt, written, "--store", "sample")) == 2
     assert "holds latents of another job (differs in seed, store)" in capsys.readouterr().err
+
+
+def test_the_measured_path_is_decided_once_and_kept(ckpt, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("RADIODIFF_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "auto"
+    assert export_main(_job(ckpt, out, path="auto")) == 0
+    held = json.loads((out / "job.json").read_text())["path"]
+    assert "winograd" not in held and list((tmp_path / "cache").rglob("*.json"))  # measured
+    (out / "index.json").unlink()
+    (out / "shard-00003.json").unlink()  # as if killed: a rerun with auto takes the held path
+    assert export_main(_job(ckpt, out, path="auto")) == 0
+    assert "1 shards written (8 maps, " in capsys.readouterr().out
+    assert json.loads((out / "job.json").read_text())["path"] == held
+    other = "fp32" if held != "fp32" else "fp32+fused_attention"
+    assert export_main(_job(ckpt, out, path=other)) == 2
+    assert "differs in path" in capsys.readouterr().err
+
+
+def test_timing_dependent_or_unknown_paths_are_refused(ckpt, tmp_path, capsys):
+    assert export_main(_job(ckpt, tmp_path, path="winograd+matmul_1x1")) == 2
+    assert "Winograd picks its kernel per layer by timing" in capsys.readouterr().err
+    assert export_main(_job(ckpt, tmp_path, path="fp32+warp_drive")) == 2
+    assert "unknown path part 'warp_drive'" in capsys.readouterr().err

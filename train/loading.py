@@ -25,6 +25,14 @@ def positive_int(text: str) -> int:
     return value
 
 
+def non_negative_float(text: str) -> float:
+    """argparse type: a number >= 0."""
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
 def add_split_arguments(p: argparse.ArgumentParser, split: str) -> None:
     """The options of a command that runs a checkpoint over a split (`eval`, `latent-stats`)."""
     p.add_argument("--ckpt", required=True, help="a model-N.pt file or a run directory")
