@@ -13,7 +13,7 @@ install-gpu:
 	PY=$(PY) TORCH=$(TORCH) EXTRAS=gpu,dev bash scripts/install.sh --gpu
 
 test:
-	$(PY) -m pytest -q -m "not reliability"
+	$(PY) -m pytest -q -m "not reliability" --durations=10  # the slowest tests, for CI time
 
 # diffusers parity in its own venv without torchvision (scripts/test-diffusers.sh says why)
 test-diffusers:
