@@ -72,18 +72,14 @@ def onnx(name: str, model: AutoencoderKL, provider: str, threads: int,
          onnx_dir: str | None, workdir: Path) -> Runner:
     """encoder.onnx / decoder.onnx in onnxruntime: from `onnx_dir` when it holds them, else
     exported now (into `onnx_dir` when given, for the next run to reuse)."""
-    from export.onnx_export import DECODER_FILE, ENCODER_FILE, export_graph
+    from export.onnx_export import DECODER_FILE, ENCODER_FILE
     from export.ort_session import make_session, provider_chain
 
     wanted = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider",
               "tensorrt": "TensorrtExecutionProvider"}[provider]
     if wanted not in provider_chain(provider):
         raise Skip(f"this onnxruntime build has no {wanted}")
-    folder = Path(onnx_dir) if onnx_dir else workdir / "onnx"
-    if not (folder / ENCODER_FILE).exists() or not (folder / DECODER_FILE).exists():
-        folder.mkdir(parents=True, exist_ok=True)
-        for graph in ("encoder", "decoder"):
-            export_graph(model, graph, folder)
+    folder = _onnx_graphs(model, onnx_dir, workdir)
     enc = make_session(folder / ENCODER_FILE, provider, threads)
     dec = make_session(folder / DECODER_FILE, provider, threads)
 
@@ -92,6 +88,45 @@ def onnx(name: str, model: AutoencoderKL, provider: str, threads: int,
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(dec.run(["image"], {"latent": z.numpy()})[0])
+
+    return Runner(name, encode, decode)
+
+
+def _onnx_graphs(model: AutoencoderKL, onnx_dir: str | None, workdir: Path) -> Path:
+    """The folder holding encoder.onnx / decoder.onnx of `model`: `onnx_dir` when it holds
+    them, else exported now (into `onnx_dir` when given, for the next run to reuse)."""
+    from export.onnx_export import DECODER_FILE, ENCODER_FILE, export_graph
+
+    folder = Path(onnx_dir) if onnx_dir else workdir / "onnx"
+    if not (folder / ENCODER_FILE).exists() or not (folder / DECODER_FILE).exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for graph in ("encoder", "decoder"):
+            export_graph(model, graph, folder)
+    return folder
+
+
+def openvino(name: str, model: AutoencoderKL, threads: int, onnx_dir: str | None,
+             workdir: Path) -> Runner:
+    """The exported graphs in OpenVINO's CPU plugin (Intel's CPU runtime: fused layers, and
+    on AMX CPUs bf16 inference precision): openvino-f32 or openvino-bf16. Optional: a bench
+    row only, `pip install openvino`; the product does not use it."""
+    from export.onnx_export import DECODER_FILE, ENCODER_FILE
+    try:
+        import openvino as ov
+    except ModuleNotFoundError:
+        raise Skip("openvino is not installed (pip install openvino)") from None
+    folder = _onnx_graphs(model, onnx_dir, workdir)
+    config = {"INFERENCE_PRECISION_HINT": name[len("openvino-"):],
+              "INFERENCE_NUM_THREADS": threads, "PERFORMANCE_HINT": "LATENCY"}
+    core = ov.Core()
+    enc = core.compile_model(str(folder / ENCODER_FILE), "CPU", config)
+    dec = core.compile_model(str(folder / DECODER_FILE), "CPU", config)
+
+    def encode(x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(enc({"image": x.numpy()})[enc.output("mean")].copy())
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(dec({"latent": z.numpy()})[dec.output("image")].copy())
 
     return Runner(name, encode, decode)
 
@@ -133,7 +168,8 @@ BENCH_TUNING_S = 1800.0  # a benchmark measures every candidate (a server start 
 # measures as the fastest accurate path here; the others name their options.
 CPU_PATHS = ("baseline", "default", "auto", "channels_last", "winograd", "matmul_1x1",
              "fused_attention", "reuse_memory", "bf16", "compile",
-             "compile+matmul_1x1+fused_attention+reuse_memory", "onnx-cpu", "diffusers")
+             "compile+matmul_1x1+fused_attention+reuse_memory", "onnx-cpu", "openvino-f32",
+             "openvino-bf16", "diffusers")
 GPU_PATHS = ("baseline", "default", "auto", "channels_last", "fused_attention", "bf16", "fp16",
              "bf16+channels_last+fused_attention", "fp16+channels_last+fused_attention",
              "compile", "compile+bf16+channels_last", "compile+fp16+channels_last+fused_attention",
@@ -149,6 +185,7 @@ def default_paths(device: torch.device, with_compile: bool, threads: int) -> lis
         paths = [p for p in paths if "compile" not in p and "cuda_graphs" not in p]
     if device.type == "cpu" and not cpu_peak(threads)["native_bf16"]:
         paths.remove("bf16")
+        paths.remove("openvino-bf16")
     if device.type == "cuda":
         paths.remove("onnx-cpu")
     return paths
@@ -180,6 +217,8 @@ def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads:
         runner = diffusers_peer(model, device, workdir)
     elif name.startswith("onnx-"):
         runner = onnx(name, model, name[len("onnx-"):], threads, onnx_dir, workdir)
+    elif name in ("openvino-f32", "openvino-bf16"):
+        runner = openvino(name, model, threads, onnx_dir, workdir)
     else:
         runner = fast(name, model, device, None if name == "default" else options_for(name))
     runner.setup_s = time.perf_counter() - start

@@ -5,7 +5,9 @@ kept in fp32 (its input cast to float32, autocast off inside it), and once with 
 output is compared with the plain fp32 network's on synthetic radio maps (PSNR; encode: the
 posterior mean over its range, decode: the maps). A block whose fp32 island gains many dB is
 where the error comes from; gains spread thinly over every block mean the error accumulates
-through the depth of the network instead (docs/performance.md has the table).
+through the depth of the network instead (docs/performance.md has the table). Two last rows
+keep the residual stream in fp32 (every block adds its bf16 branch to an fp32 stream), alone
+and with the network's ends and attention in fp32 besides.
 """
 from __future__ import annotations
 
@@ -55,6 +57,43 @@ def fp32_island(module: nn.Module) -> Iterator[None]:
         module.forward = original
 
 
+@contextlib.contextmanager
+def fp32_stream(coder: nn.Module, ends: tuple[str, ...] = ()) -> Iterator[None]:
+    """The residual stream in float32 while the branch convolutions run under autocast: every
+    ResnetBlock normalises a float32 input and adds its branch to its float32 shortcut
+    (nin_shortcut in fp32), resamplers return float32; `ends` (e.g. conv_in, norm_out) are
+    float32 islands besides."""
+    from model.blocks import Downsample, ResnetBlock, Upsample, swish
+
+    def block_forward(self: ResnetBlock, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv1(swish(self.norm1(x.float())))
+        h = self.conv2(self.dropout(swish(self.norm2(h.float()))))
+        if self.in_channels != self.out_channels:
+            with torch.autocast("cpu", enabled=False):
+                x = self.nin_shortcut(x.float())
+        return x.float() + h.float()
+
+    patched = []
+    for module in coder.modules():
+        if isinstance(module, ResnetBlock):
+            patched.append((module, module.forward))
+            module.forward = block_forward.__get__(module)
+        elif isinstance(module, (Upsample, Downsample)):
+            patched.append((module, module.forward))
+            module.forward = lambda x, f=module.forward: f(x).float()
+    with contextlib.ExitStack() as stack:
+        for name in ends:
+            stack.enter_context(fp32_island(coder.get_submodule(name)))
+        try:
+            yield
+        finally:
+            for module, forward in patched:
+                module.forward = forward
+
+
+STREAM_ENDS = ("conv_in", "mid.attn_1", "norm_out", "conv_out")
+
+
 def _run(model: AutoencoderKL, op: str, x: torch.Tensor, dtype) -> torch.Tensor:
     with torch.inference_mode(), torch.autocast("cpu", dtype=dtype, enabled=dtype is not None):
         out = model.encode(x).mean if op == "encode" else model.decode(x)
@@ -64,19 +103,22 @@ def _run(model: AutoencoderKL, op: str, x: torch.Tensor, dtype) -> torch.Tensor:
 def attribute(model: AutoencoderKL, op: str, x: torch.Tensor, dtype) -> list[dict]:
     ref = _run(model, op, x, None)
     span = float(ref.max() - ref.min()) if op == "encode" else 2.0
-
-    def db(out: torch.Tensor) -> float:
-        return float(psnr(out, ref, data_range=span).min())
-
-    base = db(_run(model, op, x, dtype))
+    base = float(psnr(_run(model, op, x, dtype), ref, data_range=span).min())
     rows = [{"op": op, "fp32_block": "(none)", "psnr_db": round(base, 2), "gain_db": 0.0}]
-    coder = model.encoder if op == "encode" else model.decoder
-    for name, module in blocks(coder):
-        with fp32_island(module):
-            value = db(_run(model, op, x, dtype))
+
+    def measure(name: str, kept) -> None:
+        """One row: the PSNR with `kept` (a context manager) in force."""
+        with kept:
+            value = float(psnr(_run(model, op, x, dtype), ref, data_range=span).min())
         rows.append({"op": op, "fp32_block": name, "psnr_db": round(value, 2),
                      "gain_db": round(value - base, 2)})
         print(f"{op} {name}: {value:.2f} dB", file=sys.stderr, flush=True)
+
+    coder = model.encoder if op == "encode" else model.decoder
+    for name, module in blocks(coder):
+        measure(name, fp32_island(module))
+    measure("(residual stream)", fp32_stream(coder))
+    measure(f"(residual stream + {', '.join(STREAM_ENDS)})", fp32_stream(coder, STREAM_ENDS))
     return rows
 
 
