@@ -87,6 +87,9 @@ def _claim_folder(out: Path, job: dict, env, measure) -> dict:
         write_json_atomic(path, {**job, "path": job["path"] or measure()})
     distributed.barrier(env)
     held = json.loads(path.read_text())
+    if not held.get("path"):
+        raise LatentsJobError(f"{path} was written by an older version that recorded no "
+                              f"inference path, so a resume could mix paths; use another --out")
     differ = sorted(k for k in job if held.get(k) != job[k]
                     and not (k == "path" and job[k] is None))
     if differ:

@@ -146,6 +146,17 @@ def test_the_measured_path_is_decided_once_and_kept(ckpt, tmp_path, monkeypatch,
     assert "differs in path" in capsys.readouterr().err
 
 
+def test_a_job_folder_without_a_recorded_path_is_refused(written, ckpt, tmp_path, capsys):
+    import shutil
+    old = tmp_path / "old"
+    shutil.copytree(written, old)
+    job = json.loads((old / "job.json").read_text())
+    del job["path"]  # as the version before paths were recorded wrote it
+    (old / "job.json").write_text(json.dumps(job))
+    assert export_main(_job(ckpt, old)) == 2
+    assert "recorded no inference path" in capsys.readouterr().err
+
+
 def test_timing_dependent_or_unknown_paths_are_refused(ckpt, tmp_path, capsys):
     assert export_main(_job(ckpt, tmp_path, path="winograd+matmul_1x1")) == 2
     assert "Winograd picks its kernel per layer by timing" in capsys.readouterr().err
