@@ -73,22 +73,15 @@ def fp32_stream(coder: nn.Module, ends: tuple[str, ...] = ()) -> Iterator[None]:
                 x = self.nin_shortcut(x.float())
         return x.float() + h.float()
 
-    patched = []
-    for module in coder.modules():
-        if isinstance(module, ResnetBlock):
-            patched.append((module, module.forward))
-            module.forward = block_forward.__get__(module)
-        elif isinstance(module, (Upsample, Downsample)):
-            patched.append((module, module.forward))
-            module.forward = lambda x, f=module.forward: f(x).float()
-    with contextlib.ExitStack() as stack:
+    with contextlib.ExitStack() as stack:  # undoes every patch, also when one fails
+        for module in coder.modules():
+            if isinstance(module, (ResnetBlock, Upsample, Downsample)):
+                stack.callback(setattr, module, "forward", module.forward)
+                module.forward = (block_forward.__get__(module) if isinstance(module, ResnetBlock)
+                                  else lambda x, f=module.forward: f(x).float())
         for name in ends:
             stack.enter_context(fp32_island(coder.get_submodule(name)))
-        try:
-            yield
-        finally:
-            for module, forward in patched:
-                module.forward = forward
+        yield
 
 
 STREAM_ENDS = ("conv_in", "mid.attn_1", "norm_out", "conv_out")
