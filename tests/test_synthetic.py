@@ -89,6 +89,17 @@ def test_synthetic_dataset_items_follow_the_contract():
     assert torch.equal(native["image"][0], to_model(expected))
 
 
+def test_the_uint8_cache_returns_exactly_the_generated_maps():
+    maps = SyntheticRadioMaps([3, 4], 2, "native", seed=5)
+    fresh = SyntheticRadioMaps([3, 4], 2, "native", seed=5, cache_bytes=0)
+    first = [maps[i] for i in range(len(maps))]  # generated, then kept as gray levels
+    assert maps.cached and len(maps._levels) == 4 and not fresh.cached
+    for i in range(len(maps)):
+        again, generated = maps[i], fresh[i]
+        for key in ("image", "buildings", "tx"):
+            assert torch.equal(again[key], generated[key]) and torch.equal(first[i][key], again[key])
+
+
 def test_cache_on_disk_reads_back_through_the_radiomapseer_reader(tmp_path, capsys):
     data_cli(["synth", "--out", str(tmp_path), "--maps", "8", "--tx", "2"])
     assert "ms per radio map" in capsys.readouterr().out

@@ -473,3 +473,21 @@ def test_upstream_file_fine_tunes_with_its_critic_and_resumes_as_a_warm_start(tm
     assert read_checkpoint(tmp_path / "run" / "model-2.pt")["step"] == 4
     assert path.is_file() and not list(tmp_path.glob("run.prev-*"))
     assert sorted(steps(tmp_path / "run")) == [2, 3]
+
+
+def test_training_runs_the_fused_attention_layout_and_saves_plain_autoencoder_weights(tmp_path,
+                                                                                     data):
+    from model.autoencoder import AutoencoderKL
+    from runtime.fast_layers import FusedAttention
+    trainer = run(tiny_run(tmp_path, train_num_steps=2), data)
+    fused = [m for m in trainer.model.modules() if isinstance(m, FusedAttention)]
+    assert len(fused) == 2  # the encoder's and the decoder's mid-block attention
+    plain = load_autoencoder(latest_checkpoint(tmp_path / "run"))  # upstream AttnBlock modules
+    assert not any(isinstance(m, FusedAttention) for m in plain.modules())
+    assert plain.state_dict().keys() == AutoencoderKL.from_config(
+        load_config(tiny_run(tmp_path)).model).state_dict().keys()
+    x = data[1][0]["image"][None]
+    with torch.no_grad():
+        ema = trainer.ema.ema_model
+        assert torch.allclose(ema.decode(ema.encode(x).mode()),
+                              plain.decode(plain.encode(x).mode()), atol=1e-5)

@@ -201,28 +201,32 @@ def sample(seed: int, map_id: int, tx: int, buildings: np.ndarray | None = None,
 
 class SyntheticRadioMaps(RadioMapDataset):
     """Synthetic maps generated on first use; kept in memory (per DataLoader worker) when the
-    whole split fits in `cache_bytes`, else regenerated on every access (same values)."""
+    whole split fits in `cache_bytes`, else regenerated on every access (same values).
+
+    The cache holds the native maps as uint8 gray levels: every synthetic value is a multiple
+    of 1/255 (the gain is quantised as the PNGs store it; buildings and transmitter are 0/1),
+    so this is lossless and a 2,864-map split takes 563 MB instead of 2.25 GB in float32.
+    Generating a map costs ~30 ms, a tenth of a CPU training step on 4 maps."""
 
     def __init__(self, map_ids: list[int], num_tx: int, image_size: Size = "native",
-                 hflip: bool = False, seed: int = 42, cache_bytes: int = 512 * 2 ** 20,
+                 hflip: bool = False, seed: int = 42, cache_bytes: int = 2 ** 30,
                  crop: tuple[int, int] | None = None):
         super().__init__(map_ids, num_tx, image_size, hflip, seed, crop)
-        height, width = self.size or (NATIVE_SIZE, NATIVE_SIZE)
-        self.cached = len(self) * 3 * height * width * 4 <= cache_bytes
+        self.cached = len(self) * 3 * NATIVE_SIZE * NATIVE_SIZE <= cache_bytes
         self._cities: dict[int, np.ndarray] = {}
-        self._items: dict[int, dict[str, torch.Tensor]] = {}
+        self._levels: dict[tuple[int, int], dict[str, np.ndarray]] = {}
 
     def load(self, map_id: int, tx: int) -> dict[str, np.ndarray]:
+        if (map_id, tx) in self._levels:
+            # float64 then float32, exactly as `sample` computes the gain
+            return {k: (v / 255.0).astype(np.float32) for k, v in self._levels[map_id, tx].items()}
         if map_id not in self._cities:
             self._cities[map_id] = city(self.seed, map_id)
-        return sample(self.seed, map_id, tx, self._cities[map_id])
-
-    def maps(self, index: int) -> dict[str, torch.Tensor]:
-        if not self.cached:
-            return super().maps(index)
-        if index not in self._items:
-            self._items[index] = super().maps(index)
-        return self._items[index]
+        arrays = sample(self.seed, map_id, tx, self._cities[map_id])
+        if self.cached:
+            self._levels[map_id, tx] = {k: np.round(v * 255.0).astype(np.uint8)
+                                        for k, v in arrays.items()}
+        return arrays
 
 
 def write_radiomapseer(out: str | Path, num_maps: int, num_tx: int, seed: int = 42) -> int:
