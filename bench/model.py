@@ -175,7 +175,8 @@ def _rows(runners: list[Runner], state: dict[str, dict], op: str, batch: int,
                "status": s.get("status", "ok")}
         if "times" in s:
             median = sorted(s["times"])[len(s["times"]) // 2]
-            peak = _peak(args.device, r.precision, args.threads)
+            precision = r.precision_for(op)
+            peak = precision and _peak(args.device, precision, args.threads)
             row.update(median_s=median, times_s=s["times"], first_call_s=s["first_call_s"],
                        ms_per_map=1e3 * median / batch, maps_per_s=batch / median,
                        pct_peak=100 * flops * batch / median / peak if peak else None)

@@ -9,7 +9,7 @@ import copy
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -37,6 +37,11 @@ class Runner:
     reuse_memory: bool = False  # the process-wide malloc setting this path runs under
     toggle_malloc: bool = False  # set malloc per call (some path of the run reuses memory)
     setup_s: float = 0.0
+    op_precision: dict[str, str | None] = field(default_factory=dict)  # where ops differ (auto)
+
+    def precision_for(self, op: str) -> str | None:
+        """The precision `op` runs in (None: its parts differ, no one peak applies)."""
+        return self.op_precision.get(op, self.precision)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -199,8 +204,11 @@ def _auto(choice, model: AutoencoderKL, device: torch.device) -> Runner:
     paths = {op: choice.path_for(op) for op in ("encode", "decode")}
     name = ("auto=" + paths["encode"] if len(set(paths.values())) == 1 else
             f"auto=enc:{paths['encode']},dec:{paths['decode']}")
+    precisions = {"encode": encoder.precision, "decode": decoder.precision}
+    precisions["reconstruct"] = (encoder.precision if encoder.precision == decoder.precision
+                                 else None)
     return Runner(name, encoder.encode, decoder.decode, reuse_memory=encoder.reuse_memory
-                  or decoder.reuse_memory)
+                  or decoder.reuse_memory, op_precision=precisions)
 
 
 def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads: int,

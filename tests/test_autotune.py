@@ -50,6 +50,18 @@ def test_a_reproducible_choice_skips_paths_that_pick_kernels_by_timing():
     assert choice.path_for("encode", reproducible=True) == "matmul_1x1"
 
 
+
+def test_the_bench_auto_row_takes_each_operations_precision(tiny):
+    """bench.model's pct_peak for `auto` divides by the peak of the precision each operation
+    runs in (a bf16 encoder beside an fp32 decoder: no one peak for reconstruct)."""
+    from bench.paths import _auto
+    choice = at.Choice([at.Measured("bf16", 1.0, 1.0, 60.0, 40.0),
+                        at.Measured("fp32", 5.0, 9.0)], {})
+    runner = _auto(choice, tiny, torch.device("cpu"))
+    assert [runner.precision_for(op) for op in at.OPS] == ["bf16", "fp32", None]
+    x = torch.rand(1, 1, 32, 32) * 2 - 1
+    assert runner.decode(runner.encode(x)).shape == x.shape
+
 def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cache):
     choice = at.autotune(tiny, "cpu", (64, 64), calls=2)
     table = {row.path: row for row in choice.table}
