@@ -134,9 +134,9 @@ def _call(runner: Runner, op: str, x: torch.Tensor) -> torch.Tensor:
 def _timed(runner: Runner, op: str, x: torch.Tensor, device: torch.device
            ) -> tuple[float, torch.Tensor]:
     """One call's wall time and output, under the runner's own (process-wide) malloc setting
-    (untouched glibc when no runner of this run reuses memory)."""
+    for `op` (untouched glibc when no runner of this run reuses memory)."""
     if device.type == "cpu" and runner.toggle_malloc:
-        malloc_reuse(runner.reuse_memory)
+        malloc_reuse(runner.reuse_memory_for(op))
     start = time.perf_counter()
     out = _call(runner, op, x)
     synchronize(device)

@@ -37,11 +37,18 @@ class Runner:
     reuse_memory: bool = False  # the process-wide malloc setting this path runs under
     toggle_malloc: bool = False  # set malloc per call (some path of the run reuses memory)
     setup_s: float = 0.0
-    op_precision: dict[str, str | None] = field(default_factory=dict)  # where ops differ (auto)
+    parts: dict[str, "Runner"] = field(default_factory=dict)  # auto: the runner of each op
 
     def precision_for(self, op: str) -> str | None:
         """The precision `op` runs in (None: its parts differ, no one peak applies)."""
-        return self.op_precision.get(op, self.precision)
+        if op in self.parts:
+            return self.parts[op].precision
+        kinds = {part.precision for part in self.parts.values()} or {self.precision}
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def reuse_memory_for(self, op: str) -> bool:
+        """The malloc setting `op` runs under: its own part's (auto), else the runner's."""
+        return self.parts[op].reuse_memory if op in self.parts else self.reuse_memory
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decode(self.encode(x))
@@ -204,11 +211,8 @@ def _auto(choice, model: AutoencoderKL, device: torch.device) -> Runner:
     paths = {op: choice.path_for(op) for op in ("encode", "decode")}
     name = ("auto=" + paths["encode"] if len(set(paths.values())) == 1 else
             f"auto=enc:{paths['encode']},dec:{paths['decode']}")
-    precisions = {"encode": encoder.precision, "decode": decoder.precision}
-    precisions["reconstruct"] = (encoder.precision if encoder.precision == decoder.precision
-                                 else None)
     return Runner(name, encoder.encode, decoder.decode, reuse_memory=encoder.reuse_memory
-                  or decoder.reuse_memory, op_precision=precisions)
+                  or decoder.reuse_memory, parts={"encode": encoder, "decode": decoder})
 
 
 def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads: int,

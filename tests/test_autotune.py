@@ -52,13 +52,17 @@ def test_a_reproducible_choice_skips_paths_that_pick_kernels_by_timing():
 
 
 def test_the_bench_auto_row_takes_each_operations_precision(tiny):
-    """bench.model's pct_peak for `auto` divides by the peak of the precision each operation
-    runs in (a bf16 encoder beside an fp32 decoder: no one peak for reconstruct)."""
+    """bench.model times `auto`'s operations each under its own path's settings: pct_peak
+    divides by the peak of the precision it runs in (a bf16 encoder beside an fp32 decoder: no
+    one peak for reconstruct), the encoder runs under its own malloc setting, not the
+    decoder's."""
     from bench.paths import _auto
     choice = at.Choice([at.Measured("bf16", 1.0, 1.0, 60.0, 40.0),
-                        at.Measured("fp32", 5.0, 9.0)], {})
+                        at.Measured("fp32+reuse_memory", 5.0, 9.0, 120.0, 110.0),
+                        at.Measured("fp32", 6.0, 10.0)], {})
     runner = _auto(choice, tiny, torch.device("cpu"))
     assert [runner.precision_for(op) for op in at.OPS] == ["bf16", "fp32", None]
+    assert [runner.reuse_memory_for(op) for op in at.OPS] == [False, True, True]
     x = torch.rand(1, 1, 32, 32) * 2 - 1
     assert runner.decode(runner.encode(x)).shape == x.shape
 
