@@ -50,7 +50,6 @@ def test_a_reproducible_choice_skips_paths_that_pick_kernels_by_timing():
     assert choice.path_for("encode", reproducible=True) == "matmul_1x1"
 
 
-
 def test_the_bench_auto_row_takes_each_operations_precision(tiny):
     """bench.model times `auto`'s operations each under its own path's settings: pct_peak
     divides by the peak of the precision it runs in (a bf16 encoder beside an fp32 decoder: no
@@ -65,6 +64,7 @@ def test_the_bench_auto_row_takes_each_operations_precision(tiny):
     assert [runner.reuse_memory_for(op) for op in at.OPS] == [False, True, True]
     x = torch.rand(1, 1, 32, 32) * 2 - 1
     assert runner.decode(runner.encode(x)).shape == x.shape
+
 
 def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cache):
     choice = at.autotune(tiny, "cpu", (64, 64), calls=2)

@@ -97,7 +97,8 @@ def test_the_uint8_cache_returns_exactly_the_generated_maps():
     for i in range(len(maps)):
         again, generated = maps[i], fresh[i]
         for key in ("image", "buildings", "tx"):
-            assert torch.equal(again[key], generated[key]) and torch.equal(first[i][key], again[key])
+            assert torch.equal(again[key], generated[key])
+            assert torch.equal(first[i][key], again[key])
 
 
 def test_cache_on_disk_reads_back_through_the_radiomapseer_reader(tmp_path, capsys):
