@@ -41,17 +41,42 @@ def _cpu_mhz() -> float | None:
     return max(values) if values else None
 
 
+# FLOP per cycle per core of the widest native unit for each reduced precision, per Intel's
+# figures: an AMX tile unit does 1024 bf16 (Sapphire Rapids: AMX-BF16) or fp16 (AMX-FP16)
+# operations per cycle; AVX512-BF16's dot products and AVX512-FP16's FMAs do twice the fp32
+# vector rate. A precision with neither is emulated: no peak.
+AMX_FLOP_PER_CYCLE = 1024
+NATIVE_UNITS = {"bf16": ("amx_bf16", "avx512_bf16"), "fp16": ("amx_fp16", "avx512_fp16")}
+
+
+def _reduced_per_cycle(flags: set[str], fp32_per_cycle: int, precision: str
+                       ) -> tuple[int | None, str]:
+    matrix, vector = NATIVE_UNITS[precision]
+    if matrix in flags:
+        return AMX_FLOP_PER_CYCLE, f"{matrix}: {AMX_FLOP_PER_CYCLE} FLOP/cycle"
+    if vector in flags:
+        return 2 * fp32_per_cycle, f"{vector}: 2 x fp32"
+    return None, "emulated: no peak"
+
+
 def cpu_peak(threads: int) -> dict[str, Any]:
-    """Assumed fp32 peak of `threads` cores: cores x clock x FLOP/cycle, with the derivation."""
+    """Assumed peak FLOP/s of `threads` cores per precision (cores x clock x FLOP/cycle of the
+    widest native unit), with the derivation; None where a precision is emulated."""
     flags = cpu_flags()
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
     fma = 2 if "fma" in flags or "avx512f" in flags else 1
     pipes = 2  # two FMA pipes per core (Zen 2/3/4, Skylake-SP and later)
     mhz = _cpu_mhz() or 0.0
     per_cycle = lanes * fma * pipes
-    return {"fp32_flops": threads * mhz * 1e6 * per_cycle, "derivation":
+    peaks: dict[str, float | None] = {"fp32": threads * mhz * 1e6 * per_cycle}
+    units = []
+    for precision in NATIVE_UNITS:
+        cycle, unit = _reduced_per_cycle(flags, per_cycle, precision)
+        peaks[precision] = None if cycle is None else threads * mhz * 1e6 * cycle
+        units.append(f"{precision} {unit}")
+    return {"fp32_flops": peaks["fp32"], "flops": peaks, "derivation":
             f"{threads} cores x {mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle "
-            f"({lanes} lanes x {fma} (FMA) x {pipes} pipes)",
+            f"({lanes} lanes x {fma} (FMA) x {pipes} pipes); " + ", ".join(units),
             "native_bf16": native_bf16()}
 
 

@@ -109,9 +109,7 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
 def _peak(device: torch.device, precision: str, threads: int) -> float | None:
     if device.type == "cuda":
         return gpu_peak(torch.cuda.get_device_name(device), precision)
-    cpu = cpu_peak(threads)
-    native = precision != "fp32" and cpu["native_bf16"]
-    return cpu["fp32_flops"] * (2 if native else 1)
+    return cpu_peak(threads)["flops"].get(precision)
 
 
 def _accuracy(op: str, out: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
@@ -283,9 +281,11 @@ def report(result: dict) -> str:
              "model GFLOP per map: " + ", ".join(f"{op} {v / 1e9:.0f}"
                                                  for op, v in result["flops_per_map"].items())]
     if "derivation" in peak:
-        lines.append(f"assumed peak {peak['fp32_flops'] / 1e9:.0f} GFLOP/s = "
-                     f"{peak['derivation']}; measured sgemm {peak['measured_sgemm_flops'] / 1e9:.0f}"
-                     f" GFLOP/s; pct_peak counts model (direct-convolution) FLOPs")
+        peaks = ", ".join(f"{name} {flops / 1e9:.0f}" for name, flops in
+                          peak.get("flops", {"fp32": peak["fp32_flops"]}).items() if flops)
+        lines.append(f"assumed peak GFLOP/s: {peaks} = {peak['derivation']}; measured sgemm "
+                     f"{peak['measured_sgemm_flops'] / 1e9:.0f} GFLOP/s; pct_peak counts model "
+                     "(direct-convolution) FLOPs against the peak of the row's precision")
     for op in dict.fromkeys(r.get("op") for r in result["results"] if r.get("op")):
         rows = [r for r in result["results"] if r.get("op") == op]
         lines += ["", f"## {op}", markdown_table(rows, COLUMNS)]

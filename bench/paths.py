@@ -75,8 +75,10 @@ def fast(name: str, model: AutoencoderKL, device: torch.device,
     with the device's defaults (`options` None: what `prepare_for_inference(model, device)`
     gives)."""
     prepared = prepare_for_inference(copy.deepcopy(model), device, **(options or {}))
+    # onednn_bf16 keeps fp32 tensors but computes its convolutions in bf16: the bf16 peak applies
+    precision = "bf16" if prepared.options.onednn_bf16 else prepared.options.precision
     return Runner(name, lambda x: prepared.encode(x).mean.cpu(),
-                  lambda z: prepared.decode(z).cpu(), prepared.options.precision,
+                  lambda z: prepared.decode(z).cpu(), precision,
                   prepared.options.reuse_memory)
 
 

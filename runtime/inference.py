@@ -25,7 +25,8 @@ Paths (each an `InferenceOptions` field):
 - `reuse_memory` (CPU, glibc): malloc keeps freed blocks for reuse instead of unmapping them
   (runtime/malloc.py). Process-wide; the process then keeps up to 1 GiB of freed memory.
 - `compile` / `cuda_graphs`: torch.compile of the encoder and decoder (CUDA graphs through
-  mode="reduce-overhead"); compiling takes tens of seconds, so they are opt-in.
+  mode="reduce-overhead"; on CPU with inductor's freezing); compiling takes tens of seconds,
+  so they are opt-in.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from dataclasses import dataclass, replace
 from typing import Callable, Literal
 
 import torch
+from torch import nn
 
 from model.autoencoder import AutoencoderKL
 from model.distributions import DiagonalGaussianDistribution
@@ -100,9 +102,8 @@ class InferenceModel:
         self.tiler: Tiler | None = None  # enable_tiling()
         self._encoder, self._decoder = model.encoder, model.decoder
         if options.compile or options.cuda_graphs:
-            mode = "reduce-overhead" if options.cuda_graphs else None
-            self._encoder = torch.compile(model.encoder, mode=mode)
-            self._decoder = torch.compile(model.decoder, mode=mode)
+            self._encoder = _compiled(model.encoder, device, options)
+            self._decoder = _compiled(model.decoder, device, options)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         dtype = PRECISIONS[self.options.precision]
@@ -167,6 +168,28 @@ class InferenceModel:
         return self.decode(self.encode(x).mode())
 
     __call__ = reconstruct
+
+
+def _compiled(module: nn.Module, device: torch.device, options: InferenceOptions) -> Callable:
+    """torch.compile of `module` for inference; on CPU with inductor's freezing (weights folded
+    in as constants, prepacked for oneDNN). Without it, a compiled bf16 + channels_last encoder
+    returned all-NaN latents on CPU (torch 2.13, first_radio's family with two ResNet blocks
+    per level; tests/test_inference.py), and it is the faster CPU mode."""
+    if options.cuda_graphs:
+        return torch.compile(module, mode="reduce-overhead")
+    compiled = torch.compile(module)
+    if device.type != "cpu":
+        return compiled
+    from torch._inductor import config as inductor_config  # no public switch for freezing
+
+    def frozen(*args: torch.Tensor) -> torch.Tensor:
+        # Dynamo reads the flag when it traces (parameters become constants) and inductor when
+        # it compiles, both inside a call (a retrace too); `torch.compile(options=...)` reaches
+        # only inductor. patch() raises if torch renames the flag.
+        with inductor_config.patch(freezing=True):
+            return compiled(*args)
+
+    return frozen
 
 
 @contextlib.contextmanager

@@ -66,6 +66,23 @@ def test_the_bench_auto_row_takes_each_operations_precision(tiny):
     assert runner.decode(runner.encode(x)).shape == x.shape
 
 
+def test_the_bench_peak_is_the_precisions_own_unit(tiny, monkeypatch):
+    """pct_peak of a bf16 row divides by the AMX tile unit's rate where the CPU has one (16x
+    the AVX-512 fp32 rate), by twice fp32 with AVX512-BF16 vectors only, and by nothing where
+    bf16 is emulated; oneDNN's bf16 path counts as bf16."""
+    import bench.common as common
+    from bench.paths import fast
+    amx = {"avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "avx512_fp16"}
+    for flags, bf16, fp16 in [(amx, 16, 2), (amx - {"amx_bf16"}, 2, 2),
+                              ({"avx2", "fma"}, None, None)]:
+        monkeypatch.setattr(common, "cpu_flags", lambda: flags)
+        peaks = common.cpu_peak(2)["flops"]
+        ratios = [None if peaks[p] is None else peaks[p] / peaks["fp32"] for p in ("bf16", "fp16")]
+        assert ratios == [bf16, fp16], flags
+    options = at.options_for("onednn_bf16")
+    assert fast("onednn_bf16", tiny, torch.device("cpu"), options).precision == "bf16"
+
+
 def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cache):
     choice = at.autotune(tiny, "cpu", (64, 64), calls=2)
     table = {row.path: row for row in choice.table}

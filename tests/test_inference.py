@@ -254,3 +254,21 @@ def test_onednn_bf16_stays_close_to_fp32_and_leaves_the_global_setting_as_it_was
     assert got.dtype == torch.float32 and 0 < (got - want).abs().max() < 0.2
     with pytest.raises(ValueError, match="does not combine with bf16"):
         prepared(tiny, onednn_bf16=True, precision="bf16")
+
+
+
+@pytest.mark.slow
+def test_a_compiled_bf16_channels_last_encoder_gives_finite_latents_on_cpu(maps):
+    """Without inductor's freezing, torch.compile of this network (first_radio's family: two
+    ResNet blocks per level) in bf16 + channels_last returned all-NaN latents on CPU."""
+    cfg = tiny_model_config(32)
+    cfg.ddconfig.num_res_blocks = 2
+    torch.manual_seed(0)
+    net = AutoencoderKL.from_config(cfg).eval()
+    bf16 = dict(precision="bf16", channels_last=True, fused_attention=True, winograd=False,
+                matmul_1x1=False)
+    eager = prepared(net, **bf16).encode(maps).mean
+    compiled = prepared(net, compile=True, **bf16).encode(maps).mean
+    assert torch.isfinite(compiled).all()
+    span = float(eager.max() - eager.min())  # bf16 against bf16: only the rounding differs
+    assert float((compiled - eager).abs().max()) < 0.05 * span
