@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from model.autoencoder import AutoencoderKL
 from model.checkpoint import load_autoencoder
 from model.config import ModelConfig
-from runtime.machine import cpu_flags, cpu_model, native_bf16
+from runtime.machine import cpu_flags, cpu_model
 from train.config import load_config
 
 MEASUREMENTS = Path(__file__).resolve().parent / "measurements"
@@ -74,10 +74,9 @@ def cpu_peak(threads: int) -> dict[str, Any]:
         cycle, unit = _reduced_per_cycle(flags, per_cycle, precision)
         peaks[precision] = None if cycle is None else threads * mhz * 1e6 * cycle
         units.append(f"{precision} {unit}")
-    return {"fp32_flops": peaks["fp32"], "flops": peaks, "derivation":
+    return {"flops": peaks, "derivation":
             f"{threads} cores x {mhz:.0f} MHz x {per_cycle} fp32 FLOP/cycle "
-            f"({lanes} lanes x {fma} (FMA) x {pipes} pipes); " + ", ".join(units),
-            "native_bf16": native_bf16()}
+            f"({lanes} lanes x {fma} (FMA) x {pipes} pipes); " + ", ".join(units)}
 
 
 def gpu_peak(name: str, precision: str) -> float | None:

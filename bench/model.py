@@ -98,7 +98,7 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         if "baseline" not in args.paths:
             args.paths.insert(0, "baseline")
     else:
-        args.paths = default_paths(args.device, args.compile, args.threads)
+        args.paths = default_paths(args.device, args.compile)
     if args.quick:
         args.batch, args.repeats = args.batch or [1], min(args.repeats, 3)
     args.batch = args.batch or ([1, 4, 16, 64] if args.device.type == "cuda" else [1, 4, 16])
@@ -282,7 +282,7 @@ def report(result: dict) -> str:
                                                  for op, v in result["flops_per_map"].items())]
     if "derivation" in peak:
         peaks = ", ".join(f"{name} {flops / 1e9:.0f}" for name, flops in
-                          peak.get("flops", {"fp32": peak["fp32_flops"]}).items() if flops)
+                          peak["flops"].items() if flops)
         lines.append(f"assumed peak GFLOP/s: {peaks} = {peak['derivation']}; measured sgemm "
                      f"{peak['measured_sgemm_flops'] / 1e9:.0f} GFLOP/s; pct_peak counts model "
                      "(direct-convolution) FLOPs against the peak of the row's precision")

@@ -18,8 +18,7 @@ import torch
 from model.autoencoder import AutoencoderKL
 from runtime.autotune import autotune, options_for
 from runtime.inference import prepare_for_inference
-
-from .common import cpu_peak
+from runtime.machine import native_bf16
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -191,13 +190,13 @@ GPU_PATHS = ("baseline", "default", "auto", "channels_last", "fused_attention", 
              "onnx-cpu", "onnx-cuda", "onnx-tensorrt", "diffusers")
 
 
-def default_paths(device: torch.device, with_compile: bool, threads: int) -> list[str]:
+def default_paths(device: torch.device, with_compile: bool) -> list[str]:
     """Every path that makes sense here: compile only when asked; CPU bf16 only with native
     bf16 instructions (emulated bf16 is orders of magnitude slower than fp32)."""
     paths = list(GPU_PATHS if device.type == "cuda" else CPU_PATHS)
     if not with_compile:  # compiling takes tens of seconds per path
         paths = [p for p in paths if "compile" not in p and "cuda_graphs" not in p]
-    if device.type == "cpu" and not cpu_peak(threads)["native_bf16"]:
+    if device.type == "cpu" and not native_bf16():
         paths.remove("bf16")
         paths.remove("openvino-bf16")
     if device.type == "cuda":

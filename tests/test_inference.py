@@ -256,7 +256,6 @@ def test_onednn_bf16_stays_close_to_fp32_and_leaves_the_global_setting_as_it_was
         prepared(tiny, onednn_bf16=True, precision="bf16")
 
 
-
 @pytest.mark.slow
 def test_a_compiled_bf16_channels_last_encoder_gives_finite_latents_on_cpu(maps):
     """Without inductor's freezing, torch.compile of this network (first_radio's family: two
