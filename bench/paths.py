@@ -222,7 +222,7 @@ def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads:
     measuring: "auto" measures afresh, its cache unused, so its setup time is the tuning's)."""
     start = time.perf_counter()
     if name == "auto":
-        choice = autotune(model, device, size, use_cache=False, budget_s=BENCH_TUNING_S)
+        choice = autotune(model, device, size, budget_s=BENCH_TUNING_S)
         runner = _auto(choice, model, device)
     elif name == "baseline":
         runner = plain(model, device)

@@ -29,8 +29,9 @@ from torch.utils.data import DataLoader, Subset
 from model.checkpoint import CheckpointError, latent_scaling
 from model.config import ConfigError
 from model.manifest import sha256_file, write_json_atomic
-from runtime.autotune import autotune, options_for, timing_dependent
-from runtime.inference import default_options, prepare_for_inference
+from runtime.autotune import options_for, timing_dependent
+from runtime.decision import PathRefused, decide
+from runtime.inference import default_options
 from train import distributed
 from train.data import DataError
 from train.loading import load_checkpoint_run, non_negative_float, positive_int, whole_maps
@@ -74,8 +75,8 @@ def _measured_path(loaded, dataset, budget_s: float) -> str:
     """The fastest encoder accurate to 50 dB on this machine at the split's size, not timing
     dependent (runtime/autotune.py, cached)."""
     size = tuple(dataset[0]["image"].shape[-2:])
-    choice = autotune(loaded.model, loaded.device, size, budget_s=budget_s)
-    return choice.path_for("encode", reproducible=True)
+    decision = decide(loaded.model, loaded.device, size, "auto", budget_s=budget_s)
+    return decision.table_choice().path_for("encode", reproducible=True)
 
 
 def _claim_folder(out: Path, job: dict, env, measure) -> dict:
@@ -135,7 +136,12 @@ def run(args: argparse.Namespace) -> dict:
                "path": _pinned_path(args.path, loaded.device)}
         job = _claim_folder(out, job, env,
                             lambda: _measured_path(loaded, dataset, args.autotune_budget))
-        engine = prepare_for_inference(loaded.model, loaded.device, **options_for(job["path"]))
+        size = tuple(dataset[0]["image"].shape[-2:])
+        try:  # the accuracy gate on these weights, and the path recorded for every rank
+            decision = decide(loaded.model, loaded.device, size, job["path"])
+        except PathRefused as err:
+            raise LatentsJobError(f"--path {job['path']}: {err}") from None
+        engine = decision.prepare(loaded.model, loaded.device, "encode")
         shards = _shards(len(dataset), args.shard_size)
         kept = written = encoded = 0
         start = time.perf_counter()

@@ -4,12 +4,12 @@
 named like 'winograd+matmul_1x1+fused_attention+reuse_memory') for a few calls of encode and
 of decode at the served resolution, checks each against the plain fp32 network on synthetic
 radio maps, and picks per operation the fastest whose output stays >= 50 dB PSNR from fp32
-(encode: the posterior mean, over its range; decode: the maps; reconstruct: both), since an
-encoder can stay accurate in bf16 where its decoder does not. Which path wins is a fact of the machine
-(an AVX2-only EPYC, an AMX-BF16 Xeon and a GPU each pick differently), so it is never a
-constant in code: the choice and its table are cached in the user cache directory, keyed by the
-CPU model and kernel flags, usable cores and threads, torch version, device, model config and
-resolution, and a later start with the same key reads it instead of measuring.
+(encode: the posterior mean and logvar, each over its range; decode: the maps; reconstruct:
+both), since an encoder can stay accurate in bf16 where its decoder does not. Which path wins is
+a fact of the machine (an AVX2-only EPYC, an AMX-BF16 Xeon and a GPU each pick differently), so
+it is never a constant in code: runtime/decision.py records the choice, with the per-layer
+Winograd kernel choices each path measured, in one file per (machine, weights, size) that every
+process serving the model loads.
 
 Start-up cost: each candidate takes one warm-up call and `calls` timed calls per operation;
 candidates are measured in order until `budget_s` seconds have passed, and those left are
@@ -18,16 +18,10 @@ the full first_radio network at 320x320 several seconds per candidate.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import fcntl
-import hashlib
-import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any, Optional
 
 import torch
@@ -36,7 +30,8 @@ from model.autoencoder import AutoencoderKL
 from model.metrics import psnr
 
 from . import machine
-from .fast_layers import median_seconds, winograd_available
+from .fast_layers import (WinogradPlan, measure_kernels, median_seconds, winograd_available,
+                          winograd_plan)
 from .inference import InferenceModel, InferenceOptions, prepare_for_inference
 from .malloc import glibc, malloc_reuse
 
@@ -44,9 +39,7 @@ logger = logging.getLogger(__name__)
 ACCURATE_DB = 50.0
 MAX_DB = 200.0  # reported for outputs identical to the reference's
 REFERENCE = "fp32"  # the plain network, every path's accuracy reference
-CACHE_ENV = "RADIODIFF_CACHE_DIR"
-CACHE_VERSION = 1  # bump when the measurement changes meaning
-PROBE_MAPS = 2
+PROBE_MAPS = 4  # radio-map-like probes at the served size, on the served weights
 
 
 def options_for(name: str) -> dict[str, object]:
@@ -66,9 +59,10 @@ def options_for(name: str) -> dict[str, object]:
 
 
 def timing_dependent(name: str) -> bool:
-    """Whether the path's output depends on timing: Winograd races NNPACK against oneDNN per
-    layer and size (runtime/fast_layers.py), and the two round differently, so two processes
-    may write different bits. A dataset job must not depend on that."""
+    """Whether the path's kernels are chosen by timing: Winograd's per-layer NNPACK-or-oneDNN
+    choice is measured per machine (recorded once per machine by runtime/decision.py), and the
+    two round differently, so two machines may write different bits. A dataset job sharded over
+    machines must not depend on that."""
     return bool(options_for(name)["winograd"])
 
 
@@ -95,10 +89,11 @@ class Measured:
     path: str
     encode_ms: Optional[float] = None  # median per call of one map
     decode_ms: Optional[float] = None
-    encode_psnr_db: Optional[float] = None  # against the plain fp32 network
-    decode_psnr_db: Optional[float] = None
+    encode_psnr_db: Optional[float] = None  # against the plain fp32 network: the worse of
+    decode_psnr_db: Optional[float] = None    # mean and logvar for encode
     accurate: bool = False  # for encode and decode alike
     note: str = ""
+    winograd_plan: Optional[WinogradPlan] = None  # the per-layer kernels measured (winograd)
 
     def ms(self, op: str) -> Optional[float]:
         """Milliseconds per map of `op` (reconstruct: encode + decode); None if unmeasured."""
@@ -134,6 +129,9 @@ class Choice:
                and not (reproducible and timing_dependent(m.path))]
         return min(fit, key=lambda m: m.ms(op)).path if fit else REFERENCE
 
+    def row(self, path: str) -> Optional[Measured]:
+        return next((m for m in self.table if m.path == path), None)
+
     def options(self, op: str = "reconstruct") -> dict[str, object]:
         return options_for(self.path_for(op))
 
@@ -141,7 +139,9 @@ class Choice:
         """For /info and logs."""
         return {"paths": {op: self.path_for(op) for op in OPS}, "from_cache": self.cached,
                 "seconds": round(self.seconds, 2), "measured_on": self.measured_on,
-                "accurate_db": ACCURATE_DB, "table": [asdict(m) for m in self.table]}
+                "accurate_db": ACCURATE_DB,
+                "table": [{k: v for k, v in asdict(m).items() if k != "winograd_plan"}
+                          for m in self.table]}
 
 
 def probe_maps(count: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor:
@@ -164,134 +164,88 @@ def probe_maps(count: int, size: tuple[int, int], seed: int = 0) -> torch.Tensor
     return torch.stack(maps)[:, None]
 
 
-def cache_dir() -> Path:
-    root = os.environ.get(CACHE_ENV) or os.environ.get("XDG_CACHE_HOME") or "~/.cache"
-    base = Path(root).expanduser()
-    return (base if os.environ.get(CACHE_ENV) else base / "radiodiff-vae") / "autotune"
+@dataclass
+class Reference:
+    """The plain fp32 network's outputs on the probe maps: every path's accuracy reference."""
+    probes: torch.Tensor
+    mean: torch.Tensor
+    logvar: torch.Tensor
+    maps: torch.Tensor
 
 
-def cache_key(model: AutoencoderKL, device: torch.device, size: tuple[int, int]
-              ) -> dict[str, Any]:
-    return {"version": CACHE_VERSION, **machine.describe(device),
-            "model": {"ddconfig": asdict(model.ddconfig), "embed_dim": model.embed_dim},
-            "size": list(size), "candidates": candidates(device)}
+def reference_outputs(model: AutoencoderKL, device: torch.device, size: tuple[int, int]
+                      ) -> Reference:
+    probes = probe_maps(PROBE_MAPS, size)
+    plain = InferenceModel(copy.deepcopy(model).eval().to(device), device, InferenceOptions())
+    posterior = plain.encode(probes.to(device))
+    mean, logvar = posterior.mean.cpu(), posterior.logvar.cpu()
+    return Reference(probes, mean, logvar, plain.decode(mean.to(device)).cpu())
 
 
-def _cache_file(key: dict[str, Any]) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
-    return cache_dir() / f"{digest[:20]}.json"
+def _db(out: torch.Tensor, ref: torch.Tensor) -> float:
+    """The worst probe's PSNR over the reference's range (identical outputs: MAX_DB, since
+    JSON cannot hold inf)."""
+    span = float(ref.max() - ref.min()) or 1.0
+    return min(float(psnr(out, ref, data_range=span).min()), MAX_DB)
 
 
-def _read_cache(key: dict[str, Any]) -> Optional[Choice]:
-    path = _cache_file(key)
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    if doc.get("key") != json.loads(json.dumps(key, default=str)):
-        return None  # a hash collision or a hand-edited file: measure again
-    table = [Measured(**row) for row in doc["table"]]
-    return Choice(table, key, cached=str(path), measured_on=doc["measured_on"])
-
-
-def _write_cache(choice: Choice) -> None:
-    path = _cache_file(choice.key)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps({"key": choice.key,
-                                   "paths": {op: choice.path_for(op) for op in OPS},
-                                   "measured_on": choice.measured_on,
-                                   "table": [asdict(m) for m in choice.table]},
-                                  indent=2, default=str) + "\n")
-        tmp.replace(path)
-    except OSError as err:  # a read-only home: the choice still holds for this process
-        logger.warning("autotune: cannot cache the choice in %s: %s", path.parent, err)
-
-
-def _measure(name: str, model: AutoencoderKL, device: torch.device, probes: torch.Tensor,
-             ref_mean: torch.Tensor, ref_maps: torch.Tensor, calls: int) -> Measured:
+def measure(name: str, model: AutoencoderKL, device: torch.device, ref: Reference,
+            calls: int) -> Measured:
+    """Time path `name` on one map (encode, decode) and check it against `ref` on every probe;
+    a Winograd path measures its per-layer kernels on its first call and keeps them."""
     options = options_for(name)
     engine = prepare_for_inference(copy.deepcopy(model), device, **options)
     if glibc() is not None:
         malloc_reuse(bool(options["reuse_memory"]))  # process-wide: as this path would run
-    latents = ref_mean.to(device)
-    one_map, one_latent = probes[:1].to(device), latents[:1]
+    latents = ref.mean.to(device)
+    one_map, one_latent = ref.probes[:1].to(device), latents[:1]
     result = Measured(name)
-    result.encode_ms = 1000.0 * median_seconds(lambda: engine.encode(one_map).mean.cpu(), calls)
-    result.decode_ms = 1000.0 * median_seconds(lambda: engine.decode(one_latent).cpu(), calls)
+    with measure_kernels():  # the untimed warm-up call of each picks the layers' kernels
+        result.encode_ms = 1000.0 * median_seconds(lambda: engine.encode(one_map).mean.cpu(),
+                                                   calls)
+        result.decode_ms = 1000.0 * median_seconds(lambda: engine.decode(one_latent).cpu(),
+                                                   calls)
+    if options["winograd"]:
+        result.winograd_plan = winograd_plan(engine.model)
     if name == REFERENCE:
         result.accurate, result.note = True, "the reference"
         return result
-    mean = engine.encode(probes.to(device)).mean.cpu()
+    posterior = engine.encode(ref.probes.to(device))
     maps = engine.decode(latents).cpu()
-    span = float(ref_mean.max() - ref_mean.min()) or 1.0
-    # identical outputs give inf dB, which JSON cannot hold: capped
-    result.encode_psnr_db = min(float(psnr(mean, ref_mean, data_range=span).min()), MAX_DB)
-    result.decode_psnr_db = min(float(psnr(maps, ref_maps, data_range=2.0).min()), MAX_DB)
+    result.encode_psnr_db = min(_db(posterior.mean.cpu(), ref.mean),
+                                _db(posterior.logvar.cpu(), ref.logvar))
+    result.decode_psnr_db = min(_db(maps, ref.maps), MAX_DB)
     result.accurate = min(result.encode_psnr_db, result.decode_psnr_db) >= ACCURATE_DB
     return result
 
 
-@contextlib.contextmanager
-def _exclusive(key: dict[str, Any]):
-    """Hold the key's lock file: processes starting together (one server worker per endpoint)
-    measure one at a time, so the first measures on quiet cores and the others read its
-    choice."""
-    path = _cache_file(key).with_suffix(".lock")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        handle = open(path, "w")
-    except OSError:
-        yield  # an unwritable cache: no lock and no cache
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield
-
-
 def autotune(model: AutoencoderKL, device: str | torch.device, size: tuple[int, int],
-             calls: int = 3, budget_s: float = 60.0, use_cache: bool = True) -> Choice:
-    """The fastest accurate path for `model` at `size` on `device` (cached; see the module)."""
+             calls: int = 3, budget_s: float = 60.0) -> Choice:
+    """Measure every candidate path for `model` at `size` on `device` (see the module); to
+    record and share the result, use runtime/decision.py."""
     device = torch.device(device)
-    key = cache_key(model, device, size)
-    if not use_cache:
-        return _tune(model, device, size, key, calls, budget_s)
-    with _exclusive(key):
-        cached = _read_cache(key)
-        if cached is not None:
-            logger.info("autotune: %s (cached %s in %s)", cached.report()["paths"],
-                        cached.measured_on, cached.cached)
-            return cached
-        choice = _tune(model, device, size, key, calls, budget_s)
-        _write_cache(choice)
-        return choice
-
-
-def _tune(model: AutoencoderKL, device: torch.device, size: tuple[int, int],
-          key: dict[str, Any], calls: int, budget_s: float) -> Choice:
     start = time.monotonic()
-    probes = probe_maps(PROBE_MAPS, size)
-    reference = InferenceModel(copy.deepcopy(model).eval().to(device), device,
-                               InferenceOptions())
-    ref_mean = reference.encode(probes.to(device)).mean.cpu()
-    ref_maps = reference.decode(ref_mean.to(device)).cpu()
+    ref = reference_outputs(model, device, size)
     table = []
     for name in candidates(device):
         if time.monotonic() - start > budget_s:
             table.append(Measured(name, note=f"not measured: the {budget_s:g} s budget was spent"))
             continue
         try:
-            table.append(_measure(name, model, device, probes, ref_mean, ref_maps, calls))
+            table.append(measure(name, model, device, ref, calls))
         except (RuntimeError, ValueError) as err:  # a path this build cannot run
             table.append(Measured(name, note=f"failed: {err}"))
-    choice = Choice(table, key, seconds=time.monotonic() - start)
+    choice = Choice(table, {}, seconds=time.monotonic() - start)
     for row in table:
-        logger.info("autotune: %-52s encode %8s ms %7s dB  decode %8s ms %7s dB  %s", row.path,
-                    _fmt(row.encode_ms), _fmt(row.encode_psnr_db), _fmt(row.decode_ms),
-                    _fmt(row.decode_psnr_db), row.note)
+        log_row(row)
     logger.info("autotune: chose %s in %.1f s", choice.report()["paths"], choice.seconds)
     return choice
+
+
+def log_row(row: Measured) -> None:
+    logger.info("autotune: %-52s encode %8s ms %7s dB  decode %8s ms %7s dB  %s", row.path,
+                _fmt(row.encode_ms), _fmt(row.encode_psnr_db), _fmt(row.decode_ms),
+                _fmt(row.decode_psnr_db), row.note)
 
 
 def _fmt(value: Optional[float]) -> str:

@@ -3,10 +3,11 @@ CPU, each sharing the original's parameters (state-dict names unchanged), and th
 swap that installs them."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import statistics
 import time
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -67,17 +68,36 @@ def nnpack_is_faster(nnpack: Callable[[], torch.Tensor], onednn: Callable[[], to
     return median_seconds(nnpack) < median_seconds(onednn)
 
 
+_MEASURING = False  # measure_kernels(): layers time NNPACK against oneDNN on unmet sizes
+
+
+@contextlib.contextmanager
+def measure_kernels() -> Iterator[None]:
+    """Within it, a WinogradConv2d meeting an input size it has no choice for times both kernels
+    and keeps the winner; outside it, such a size runs oneDNN. Only a recorded decision
+    (runtime/decision.py) measures, once: every process then loads the same choices and
+    computes the same bits."""
+    global _MEASURING
+    before, _MEASURING = _MEASURING, True
+    try:
+        yield
+    finally:
+        _MEASURING = before
+
+
 class WinogradConv2d(nn.Conv2d):
     """A 3x3, stride-1, padding-1 Conv2d that runs NNPACK's Winograd kernel on CPU float32
-    inference inputs where, for this layer at this input size, it measured faster than oneDNN's
-    direct convolution, and the ordinary convolution otherwise (GPU, other dtypes, autograd).
+    inference inputs at the input sizes where, for this layer, NNPACK measured faster than
+    oneDNN's direct convolution, and the ordinary convolution otherwise (other sizes, GPU,
+    other dtypes, autograd).
 
     Winograd needs several times fewer multiplications, which wins on wide layers and large
     maps and loses on thin layers and small maps; where the line falls is a fact of the CPU (on
-    a 2-core AVX2 EPYC: 128+ channels and 40x40+ maps; bench/RESULTS.md), so each layer times
-    both kernels on one map the first time it meets an input size and remembers the winner
-    (`measured`: size -> NNPACK won). That first call costs a few convolutions more; a server's
-    warm-up pays it at the served size."""
+    a 2-core AVX2 EPYC: 128+ channels and 40x40+ maps; bench/RESULTS.md). The two kernels round
+    differently, so the per-layer choice is data: measured under `measure_kernels()` (both
+    kernels timed on one map) and recorded (`winograd_plan`), then installed in every process
+    that serves the model (`apply_winograd_plan`); a size with no recorded choice runs oneDNN.
+    `measured`: size -> NNPACK won."""
 
     measured: dict[tuple[int, int], bool]
 
@@ -95,6 +115,8 @@ class WinogradConv2d(nn.Conv2d):
     def _nnpack_wins(self, x: torch.Tensor) -> bool:
         size = (x.shape[-2], x.shape[-1])
         if size not in self.measured:
+            if not _MEASURING:
+                return False
             one = x[:1].contiguous()
             try:
                 self.measured[size] = nnpack_is_faster(
@@ -116,6 +138,26 @@ class WinogradConv2d(nn.Conv2d):
                                bias=conv.bias is not None, device="meta"))
         new.measured = {}
         return new
+
+
+WinogradPlan = dict[str, list[list[int]]]  # layer name -> the [H, W] sizes where NNPACK runs
+
+
+def winograd_plan(module: nn.Module) -> WinogradPlan:
+    """The per-layer kernel choices `module`'s WinogradConv2d layers hold, as JSON-able data."""
+    return {name: sorted([list(size) for size, won in layer.measured.items() if won])
+            for name, layer in module.named_modules() if isinstance(layer, WinogradConv2d)}
+
+
+def apply_winograd_plan(module: nn.Module, plan: WinogradPlan) -> None:
+    """Install recorded choices: each WinogradConv2d runs NNPACK at exactly its plan's sizes."""
+    layers = {name: layer for name, layer in module.named_modules()
+              if isinstance(layer, WinogradConv2d)}
+    unknown = sorted(set(plan) - set(layers))
+    if unknown:
+        raise ValueError(f"the Winograd plan names layers this network lacks: {unknown[:3]}")
+    for name, layer in layers.items():
+        layer.measured = {tuple(size): True for size in plan.get(name, [])}
 
 
 class PointwiseConv2d(nn.Conv2d):

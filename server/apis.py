@@ -207,13 +207,15 @@ class RadioAPI(ls.LitAPI):
                  precision: str = "auto", require_cuda: bool = False, log_level: str = "info",
                  threads: int = 0, warmup_size: Optional[tuple[int, int]] = None,
                  budget: BudgetPolicy = UNBOUNDED, max_queue: Optional[int] = None,
-                 path: str = "auto", autotune_budget: float = 60.0):
+                 path: str = "auto", autotune_budget: float = 60.0,
+                 allow_inaccurate: bool = False):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          api_path=f"/{self.name}", loop=BlockingBatchedLoop())
         self.model_spec, self.precision, self.require_cuda = spec, precision, require_cuda
         self.log_level, self.threads, self.budget = log_level, threads, budget
         # the torch backend's inference path, and what measuring it may cost (runtime/autotune.py)
         self.path, self.autotune_budget = path, autotune_budget
+        self.allow_inaccurate = allow_inaccurate
         self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
         # Manager dicts the server attaches: what each worker published (for /info), and the
         # requests each worker is running (for the supervisor, should the worker die).
@@ -233,7 +235,7 @@ class RadioAPI(ls.LitAPI):
             torch.set_num_threads(self.threads)
         self.backend = load_backend(self.model_spec, device, self.precision, self.require_cuda,
                                     self.threads, self.path, self.warmup_size,
-                                    self.autotune_budget, self.name)
+                                    self.autotune_budget, self.name, self.allow_inaccurate)
         self.base_resident = memory.resident_bytes() or 0
         rate, self.bytes_per_megapixel = self._measure_warmup()
         self.seconds_per_megapixel = rate
@@ -431,5 +433,6 @@ def build_apis(spec: ModelSpec, settings: Settings) -> list[RadioAPI]:
     return [cls(spec, settings.max_batch_size, settings.batch_timeout, settings.precision,
                 settings.device == "cuda", settings.log_level, settings.threads,
                 settings.resolution, budget=budget, max_queue=settings.queue_capacity,
-                path=settings.path, autotune_budget=settings.autotune_budget)
+                path=settings.path, autotune_budget=settings.autotune_budget,
+                allow_inaccurate=settings.allow_inaccurate_path)
             for cls in (EncodeAPI, DecodeAPI, ReconstructAPI)]

@@ -238,7 +238,8 @@ def info_document(settings: Settings, ctx: Context, workers: list[dict]) -> dict
     spec, limits = ctx.spec, ctx.limits
     f, z = spec.downsample_factor, spec.latent_channels
     return {
-        "model": {"backend": spec.backend, "source": spec.path, "precision": spec.precision,
+        "model": {"backend": spec.backend, "source": spec.path,
+                  "precision": _precisions(spec, workers),
                   "downsample_factor": f, "latent_channels": z,
                   **spec.scaling(), "config": spec.model_config},
         "shapes": {"map": "[H, W], [1, H, W] or [N, 1, H, W] float32 in [0, 1], or a PNG",
@@ -260,6 +261,12 @@ def info_document(settings: Settings, ctx: Context, workers: list[dict]) -> dict
                         ("radiodiff-vae", "torch", "numpy", "litserve", "onnxruntime",
                          "onnxruntime-gpu")}},
     }
+
+
+def _precisions(spec: ModelSpec, workers: list[dict]) -> dict[str, str]:
+    """What each endpoint computes in, as its workers report it (an export: as exported)."""
+    served = {w["endpoint"].strip("/"): w["precision"] for w in workers if "precision" in w}
+    return served or {"all": spec.precision}
 
 
 def _version(name: str) -> Optional[str]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Protocol
 
@@ -17,8 +18,8 @@ import torch
 
 from model.checkpoint import load_autoencoder
 from model.config import ModelConfig, from_dict
-from runtime.autotune import autotune, options_for
-from runtime.inference import prepare_for_inference
+from runtime.decision import decide, engines
+from runtime.inference import InferenceModel, default_options
 from runtime.tiling import Tiler
 
 from .logs import LOGGER
@@ -40,53 +41,58 @@ class Backend(Protocol):
 
 
 class TorchBackend:
-    """The checkpoint's AutoencoderKL through runtime.inference, on the path `path` names:
-    'auto' measures the candidates on this machine at `size` (runtime/autotune.py, cached) and
-    runs the fastest accurate for `op` (this worker's endpoint),
-    'default' is the device's built-in default, any other name pins that path; a `precision`
-    other than 'auto' applies that precision to the default path instead."""
+    """The checkpoint's AutoencoderKL through runtime.inference, on the path the recorded
+    decision (runtime/decision.py) names for this worker's endpoint `op`: 'auto' measures the
+    candidates on this machine at `size` once and every process reads that, 'default' is the
+    device's built-in path, any other name pins that path (a `precision` other than 'auto' is
+    the default path in that precision). A path that fails the accuracy gate on these weights
+    is refused unless `allow_inaccurate`. /reconstruct runs the encoder's path then the
+    decoder's, so /encode then /decode gives its bits."""
 
     def __init__(self, spec: ModelSpec, device: str, precision: str = "auto",
                  path: str = "auto", size: Optional[tuple[int, int]] = None,
-                 budget_s: float = 60.0, op: str = "reconstruct"):
+                 budget_s: float = 60.0, op: str = "reconstruct",
+                 allow_inaccurate: bool = False):
         config = from_dict(ModelConfig, spec.model_config, "model")
         model = load_autoencoder(spec.path, config, map_location="cpu")
-        self.autotuned: Optional[dict] = None
         if precision != "auto":
-            options: dict = {"precision": precision}
-        elif path == "auto":
-            choice = autotune(model, device, size or spec.config_size, budget_s=budget_s)
-            options, self.autotuned = choice.options(op), choice.report()
-        else:
-            options = {} if path == "default" else options_for(path)
-        self.model = prepare_for_inference(model, device, **options)
+            path = replace(default_options(device), precision=precision).describe()
+        self.decision = decide(model, device, size or spec.config_size, path,
+                               allow_inaccurate=allow_inaccurate, budget_s=budget_s)
+        ops = ("encode", "decode") if op == "reconstruct" else (op,)
+        self.engines = engines(self.decision, model, device, ops)
+        self.device = torch.device(device)
 
     def encode(self, x: torch.Tensor, tiler: Optional[Tiler] = None
                ) -> tuple[torch.Tensor, torch.Tensor]:
-        with self._tiling(tiler):
-            posterior = self.model.encode(x)
+        engine = self.engines["encode"]
+        with _tiling(engine, tiler):
+            posterior = engine.encode(x)
         return posterior.mean.cpu(), posterior.logvar.cpu()
 
     def decode(self, z: torch.Tensor, tiler: Optional[Tiler] = None) -> torch.Tensor:
-        with self._tiling(tiler):
-            return self.model.decode(z).cpu()
-
-    @contextmanager
-    def _tiling(self, tiler: Optional[Tiler]) -> Iterator[None]:
-        """InferenceModel.enable_tiling for the duration of one call (nothing without a tiler)."""
-        if tiler is None:
-            yield
-            return
-        self.model.enable_tiling(tiler.tile, tiler.overlap)
-        try:
-            yield
-        finally:
-            self.model.disable_tiling()
+        engine = self.engines["decode"]
+        with _tiling(engine, tiler):
+            return engine.decode(z).cpu()
 
     def describe(self) -> dict[str, str]:
+        paths = [self.decision.path(op) for op in self.engines]
         return {"backend": "torch", "provider": f"torch {torch.__version__}",
-                "device": str(self.model.device), "precision": self.model.options.describe(),
-                "autotune": self.autotuned}
+                "device": str(self.device), "precision": " -> ".join(dict.fromkeys(paths)),
+                "decision": self.decision.report()}
+
+
+@contextmanager
+def _tiling(engine: InferenceModel, tiler: Optional[Tiler]) -> Iterator[None]:
+    """InferenceModel.enable_tiling for the duration of one call (nothing without a tiler)."""
+    if tiler is None:
+        yield
+        return
+    engine.enable_tiling(tiler.tile, tiler.overlap)
+    try:
+        yield
+    finally:
+        engine.disable_tiling()
 
 
 class OnnxBackend:
@@ -154,10 +160,10 @@ def _tensor(a: np.ndarray) -> torch.Tensor:
 def load_backend(spec: ModelSpec, device: str, precision: str = "auto",
                  require_cuda: bool = False, threads: int = 0, path: str = "auto",
                  size: Optional[tuple[int, int]] = None, budget_s: float = 60.0,
-                 op: str = "reconstruct") -> Backend:
+                 op: str = "reconstruct", allow_inaccurate: bool = False) -> Backend:
     """The backend `spec` names, on `device` ('cpu', 'cuda:0', ...), the torch one on `path`
     tuned at `size`; torch threads are set by the caller (torch.set_num_threads is
     process-wide)."""
     if spec.backend == "onnx":
         return OnnxBackend(spec, device, require_cuda, threads)
-    return TorchBackend(spec, device, precision, path, size, budget_s, op)
+    return TorchBackend(spec, device, precision, path, size, budget_s, op, allow_inaccurate)

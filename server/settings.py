@@ -40,7 +40,8 @@ class Settings:
     api_key_env: Optional[str] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     path: str = "auto"  # torch backend: auto (measured, runtime/autotune.py), default, or a name
-    autotune_budget: float = 60.0  # seconds --path auto may spend measuring (then: cached)
+    autotune_budget: float = 60.0  # seconds --path auto may spend measuring (then: recorded)
+    allow_inaccurate_path: bool = False  # serve a pinned path that fails the accuracy gate
     shutdown_timeout: float = 10.0
     # per HTTP process: open connections and requests in progress (uvicorn's limit_concurrency:
     # past it, 503); the bound on upload memory is about max_connections x max_body_mb
@@ -168,18 +169,22 @@ def _parser() -> argparse.ArgumentParser:
     add("--api-key-env", metavar="NAME",
         help="require the API key held in environment variable NAME")
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-        help="torch backend: the network's arithmetic; auto: the device's measured default "
-             "(CPU fp32, CUDA fp16 with fp32 recompute on overflow); bf16 / fp16 need CUDA "
-             f"{_default('precision')}")
+        help="torch backend: the network's arithmetic; auto: as --path decides; fp32, or on "
+             "CUDA bf16 / fp16, pins the default path in that precision (accuracy-gated like "
+             f"--path) {_default('precision')}")
     add("--path", metavar="auto|default|NAME",
         help="torch backend: the inference path; auto measures the candidates on this machine "
-             "at the served size at start (cached per machine, model and size; GET /info shows "
-             "the table), default is the built-in default, a name such as "
-             "'bf16+channels_last+fused_attention' pins one (docs/performance.md) "
-             f"{_default('path')}")
+             "at the served size once and records the decision for every worker and replica "
+             "(per machine, weights and size; GET /info shows the table), default is the "
+             "built-in default, a name such as 'bf16+channels_last+fused_attention' pins one "
+             "(docs/performance.md); any path but plain fp32 must stay within 50 dB of fp32 on "
+             f"these weights or the server refuses to start {_default('path')}")
+    add("--allow-inaccurate-path", action="store_const", const=True,
+        help="serve a pinned --path / --precision that fails the 50 dB accuracy gate (GET /info "
+             "shows it)")
     add("--autotune-budget", type=_non_negative_float, metavar="S",
         help="seconds --path auto may spend measuring candidates at start when nothing is "
-             "cached; the ones not reached are skipped " f"{_default('autotune_budget')}")
+             "recorded; the ones not reached are skipped " f"{_default('autotune_budget')}")
     add("--shutdown-timeout", type=_positive_float,
         help=f"seconds in-flight requests get after SIGTERM {_default('shutdown_timeout')}")
     add("--max-connections", type=_positive_int,

@@ -1,23 +1,14 @@
-"""The inference path chosen by measurement (runtime/autotune.py): the fastest accurate one,
-cached per machine, model and size; pinned or measured by the server, shown in /info."""
+"""The inference path chosen by measurement (runtime/autotune.py): the fastest accurate one
+per operation (recording and sharing it: tests/test_decision.py)."""
 from __future__ import annotations
 
-import json
-
 import pytest
-import requests
 import torch
 
 from model.autoencoder import AutoencoderKL
 from runtime import autotune as at
 from runtime.inference import InferenceOptions
-from tests.test_server import running_server, save_tiny_checkpoint, tiny_model_config
-
-
-@pytest.fixture
-def cache(tmp_path, monkeypatch):
-    monkeypatch.setenv(at.CACHE_ENV, str(tmp_path))
-    return tmp_path / "autotune"
+from tests.conftest import tiny_model_config
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +74,7 @@ def test_the_bench_peak_is_the_precisions_own_unit(tiny, monkeypatch):
     assert fast("onednn_bf16", tiny, torch.device("cpu"), options).precision == "bf16"
 
 
-def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cache):
+def test_the_choice_is_the_fastest_accurate_candidate(tiny):
     choice = at.autotune(tiny, "cpu", (64, 64), calls=2)
     table = {row.path: row for row in choice.table}
     assert list(table) == at.candidates(torch.device("cpu"))
@@ -93,26 +84,14 @@ def test_the_choice_is_the_fastest_accurate_candidate_and_it_is_cached(tiny, cac
         assert choice.path_for(op) == min(fit, key=lambda r: r.ms(op)).path, op
     assert all(row.accurate == (min(row.encode_psnr_db, row.decode_psnr_db) >= 50)
                for row in choice.table if row.path != "fp32")
-    files = list(cache.glob("*.json"))
-    assert json.loads(files[0].read_text())["paths"] == choice.report()["paths"]
-    assert len(files) == 1
-    again = at.autotune(tiny, "cpu", (64, 64))
-    assert again.cached == str(files[0]) and again.report()["paths"] == choice.report()["paths"]
-    assert [r.path for r in again.table] == list(table)
-    other = at.autotune(tiny, "cpu", (32, 32), calls=1)  # another size: measured anew
-    assert other.cached is None and len(list(cache.glob("*.json"))) == 2
+    for row in choice.table:  # a Winograd path carries the kernels it measured
+        assert (row.winograd_plan is not None) == ("winograd" in row.path and row.note == ""), row
 
 
-def test_a_spent_budget_leaves_the_rest_unmeasured_and_falls_back_to_fp32(tiny, cache):
-    choice = at.autotune(tiny, "cpu", (64, 64), budget_s=0.0, use_cache=False)
-    assert {choice.path_for(op) for op in at.OPS} == {"fp32"} and not list(cache.glob("*.json"))
+def test_a_spent_budget_leaves_the_rest_unmeasured_and_falls_back_to_fp32(tiny):
+    choice = at.autotune(tiny, "cpu", (64, 64), budget_s=0.0)
+    assert {choice.path_for(op) for op in at.OPS} == {"fp32"}
     assert all("not measured" in row.note for row in choice.table)
-
-
-def test_a_changed_key_is_never_served_from_the_cache(tiny, cache, monkeypatch):
-    at.autotune(tiny, "cpu", (64, 64), calls=1)
-    monkeypatch.setattr(torch, "__version__", "0.0.0-other")  # another torch: measure again
-    assert at.autotune(tiny, "cpu", (64, 64), calls=1).cached is None
 
 
 def test_the_probe_maps_look_like_radio_maps():
@@ -122,20 +101,3 @@ def test_the_probe_maps_look_like_radio_maps():
     assert not torch.equal(maps[0], maps[1])
 
 
-def test_the_server_shows_its_measured_choice_and_a_pin_skips_measuring(tmp_path):
-    save_tiny_checkpoint(tmp_path)
-    env = {at.CACHE_ENV: str(tmp_path / "cache")}
-    with running_server(tmp_path, [], env, path="auto") as (url, *_):
-        workers = requests.get(url + "/info", timeout=10).json()["workers"]
-    tuned = {w["endpoint"]: w["autotune"] for w in workers}
-    paths = tuned["/reconstruct"]["paths"]
-    for w in workers:  # each endpoint runs the path chosen for its operation
-        path = paths[w["endpoint"].strip("/")]
-        assert w["precision"] == InferenceOptions(**at.options_for(path)).describe(), w
-    tuned = list(tuned.values())
-    assert sum(t["from_cache"] is None for t in tuned) == 1, "one worker measured, two read it"
-    assert {row["path"] for row in tuned[0]["table"]} == set(at.candidates(torch.device("cpu")))
-    path = "matmul_1x1+fused_attention"
-    with running_server(tmp_path, [], env, path=path) as (url, *_):
-        workers = requests.get(url + "/info", timeout=10).json()["workers"]
-    assert all(w["autotune"] is None and w["precision"] == f"fp32+{path}" for w in workers)

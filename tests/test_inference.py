@@ -111,7 +111,10 @@ def test_matmul_1x1_swaps_the_pointwise_convs_with_the_same_output():
 
 
 @needs_nnpack
-def test_winograd_conv_times_both_kernels_once_per_size_and_runs_the_winner(monkeypatch):
+def test_winograd_conv_measures_only_when_asked_and_runs_the_winner(monkeypatch):
+    """Under measure_kernels() a layer times both kernels once per size and keeps the winner;
+    outside it an unmeasured size runs oneDNN without timing anything, so a serving process
+    never makes a choice of its own (runtime/decision.py records them)."""
     torch.manual_seed(0)
     plain = torch.nn.Conv2d(16, 16, 3, padding=1)
     conv = WinogradConv2d.from_conv(plain)
@@ -128,13 +131,37 @@ def test_winograd_conv_times_both_kernels_once_per_size_and_runs_the_winner(monk
     nnpack = torch._nnpack_spatial_convolution
     monkeypatch.setattr(torch, "_nnpack_spatial_convolution",
                         lambda *a: calls.append(a[0].shape) or nnpack(*a))
+    with torch.inference_mode():
+        x = torch.randn(2, 16, 32, 32)
+        conv(x)
+        assert timed == [] and calls == [] and conv.measured == {}  # not measuring: oneDNN
     for side, runs_nnpack in ((32, True), (24, False), (32, True)):
         calls.clear()
         x = torch.randn(2, 16, side, side)
-        with torch.inference_mode():
+        with torch.inference_mode(), fast_layers.measure_kernels():
             torch.testing.assert_close(conv(x), plain(x), rtol=1e-4, atol=1e-4)
         assert (len(calls) >= 2) == runs_nnpack, side  # per map, when NNPACK won
     assert timed == [32, 24] and conv.measured == {(32, 32): True, (24, 24): False}
+
+
+@needs_nnpack
+def test_a_recorded_winograd_plan_reproduces_the_measured_kernels_bit_for_bit(tiny, maps):
+    """The plan measured in one model, installed in a fresh copy, gives identical bytes and
+    runs NNPACK exactly where the plan says; a plan naming a missing layer is refused."""
+    measured = prepared(tiny, winograd=True)
+    with fast_layers.measure_kernels():
+        measured.encode(maps)
+    plan = fast_layers.winograd_plan(measured.model)
+    assert plan and set(map(len, [s for sizes in plan.values() for s in sizes])) <= {2}
+    forced = {name: [[16, 16], [32, 32], [8, 8]] for name in plan}  # NNPACK everywhere
+    for chosen in (plan, forced):
+        a, b = prepared(tiny, winograd=True), prepared(tiny, winograd=True)
+        fast_layers.apply_winograd_plan(a.model, chosen)
+        fast_layers.apply_winograd_plan(b.model, chosen)
+        assert torch.equal(a.encode(maps).mean, b.encode(maps).mean)
+        assert fast_layers.winograd_plan(a.model) == {n: sorted(s) for n, s in chosen.items()}
+    with pytest.raises(ValueError, match="layers this network lacks"):
+        fast_layers.apply_winograd_plan(prepared(tiny, winograd=True).model, {"nope": []})
 
 
 def test_the_kernel_race_is_real_timing():

@@ -286,8 +286,9 @@ def test_encode_then_decode_equals_reconstruct(server):
     maps = _maps(2, seed=2)
     z = _npy(server.post("/encode", encode_npy(maps)))
     via_latents = _npy(server.post("/decode", encode_npy(z)))
-    np.testing.assert_allclose(via_latents, _npy(server.post("/reconstruct", encode_npy(maps))),
-                               atol=1e-5)
+    # one recorded decision: the same kernels in every worker, so the same bytes
+    np.testing.assert_array_equal(via_latents,
+                                  _npy(server.post("/reconstruct", encode_npy(maps))))
 
 
 def test_scaled_latents_use_the_scale_factor(server):
@@ -642,7 +643,7 @@ def test_client_numpy_in_and_out(server):
     zs = vae.encode(maps, mode="sample", seed=1, scaled=True)
     np.testing.assert_allclose(vae.decode(zs, scaled=True),
                                _decode(server.model, zs / 0.3), atol=ATOL)
-    np.testing.assert_allclose(vae.reconstruct(maps), vae.decode(z), atol=1e-5)
+    np.testing.assert_array_equal(vae.reconstruct(maps), vae.decode(z))
     with pytest.raises(ServerError) as err:
         vae.encode(maps * 5)
     assert err.value.status == 422 and "[0, 1]" in err.value.detail and "/encode" in str(err.value)
