@@ -6,7 +6,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .blocks import AttnBlock, Downsample, ResnetBlock, Upsample, normalize, swish
-from .config import DDConfig, ModelConfig
+from .config import MAX_PARAMETERS, ConfigError, DDConfig, ModelConfig
 from .distributions import DiagonalGaussianDistribution
 
 
@@ -132,6 +132,8 @@ class AutoencoderKL(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: ModelConfig) -> AutoencoderKL:
+        """The network `cfg` describes, after check_network_size."""
+        check_network_size(cfg)
         return cls(cfg.ddconfig, cfg.embed_dim, cfg.scale_factor)
 
     @property
@@ -159,3 +161,16 @@ class AutoencoderKL(nn.Module):
     def get_last_layer(self) -> torch.Tensor:
         """The decoder's last weight, where the adaptive GAN weight takes its gradient norms."""
         return self.decoder.conv_out.weight
+
+
+def check_network_size(cfg: ModelConfig) -> int:
+    """The parameter count of the network `cfg` describes, counted on the meta device (nothing
+    allocated); ConfigError over MAX_PARAMETERS."""
+    with torch.device("meta"):
+        count = sum(p.numel() for p in AutoencoderKL(cfg.ddconfig, cfg.embed_dim,
+                                                     cfg.scale_factor).parameters())
+    if count > MAX_PARAMETERS:
+        raise ConfigError(f"model.ddconfig: this network has {count / 1e6:.0f} M parameters; "
+                          f"the bound is {MAX_PARAMETERS / 1e6:.0f} M (first_radio.yaml's is "
+                          f"55 M): check ch, ch_mult and num_res_blocks")
+    return count

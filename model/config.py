@@ -112,6 +112,12 @@ def to_dict(obj: Any) -> dict:
     return dataclasses.asdict(obj)
 
 
+# Documented bounds on what a config may ask for, checked before anything is allocated
+# (docs/training.md, "Bounds"): 4x RadioMapSeer's side, and 10x first_radio's 55 M parameters.
+MAX_RESOLUTION = 1024
+MAX_PARAMETERS = 600_000_000
+
+
 @dataclass
 class DDConfig:
     """Encoder/decoder geometry (upstream `ddconfig`)."""
@@ -131,6 +137,9 @@ class DDConfig:
         if len(res) != 2 or min(res) < 1:
             raise ConfigError(f"{path}.resolution: expected an int or [H, W] of positive ints, "
                               f"got {self.resolution!r}")
+        if max(res) > MAX_RESOLUTION:  # the warm-up and a training batch run at this size
+            raise ConfigError(f"{path}.resolution: at most {MAX_RESOLUTION} per side (got "
+                              f"{self.resolution!r}); larger maps are served as tiles")
         if not self.double_z:
             raise ConfigError(f"{path}.double_z: must be true for a KL autoencoder")
         for name in ("z_channels", "in_channels", "out_ch", "ch", "num_res_blocks"):

@@ -56,6 +56,24 @@ def decode_png(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS,
     return _gray_to_unit(arr, mode)
 
 
+def png_size(data: bytes) -> tuple[int, int]:
+    """(H, W) a PNG declares in its IHDR chunk, read without decoding any pixel."""
+    if not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR" or len(data) < 24:
+        raise RadioMapError(f"not a decodable PNG: {_png_problem(data)}")
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    return height, width
+
+
+def npy_shape(data: bytes) -> tuple[int, ...]:
+    """The shape a `.npy` payload declares (its header checked against its size: see
+    decode_npy), read without loading the array."""
+    buf = io.BytesIO(data)
+    try:
+        return _check_npy_header(buf, len(data))
+    except (ValueError, OSError, EOFError) as err:
+        raise RadioMapError(f"not a readable .npy array: {err}") from None
+
+
 def _png_problem(data: bytes) -> str:
     if not data.startswith(PNG_SIGNATURE):
         return (f"expected PNG bytes (they start with {PNG_SIGNATURE!r}); got "
@@ -130,7 +148,7 @@ def decode_npy(data: bytes, max_bytes: int = DEFAULT_MAX_BYTES) -> np.ndarray:
         raise RadioMapError(f"not a readable .npy array: {err}") from None
 
 
-def _check_npy_header(buf: io.BytesIO, size: int) -> None:
+def _check_npy_header(buf: io.BytesIO, size: int) -> tuple[int, ...]:
     # np.load allocates what the header claims before reading the data: a 100-byte payload
     # claiming terabytes would exhaust memory, so the claim must match the bytes present.
     version = np.lib.format.read_magic(buf)
@@ -151,6 +169,7 @@ def _check_npy_header(buf: io.BytesIO, size: int) -> None:
     if claimed != size - buf.tell():
         raise ValueError(f"the header declares shape {shape} of {dtype} ({claimed} bytes) but "
                          f"{size - buf.tell()} data bytes follow")
+    return tuple(shape)
 
 
 def encode_npy(x: np.ndarray) -> bytes:

@@ -33,6 +33,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     metrics_dir, own_dir = _metrics_dir()
     from .app import RadioDiffServer  # imports prometheus_client: after its directory is set
+    from .connections import with_header_deadline
 
     server = None
     try:
@@ -41,8 +42,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         server.run(host=settings.host, port=settings.port, num_api_servers=settings.api_servers,
                    log_level=settings.log_level, generate_client_file=False,
                    limit_concurrency=settings.max_connections,
-                   timeout_keep_alive=settings.keep_alive_timeout)
-    except (RuntimeError, ValueError, OSError, EOFError) as err:
+                   timeout_keep_alive=settings.keep_alive_timeout,
+                   http=with_header_deadline(settings.header_timeout))
+    except (EOFError, ConnectionError) as err:  # the main thread's wait on the manager broke
+        logger.error("server failed: the queue process died (%s)", type(err).__name__)
+        return 1
+    except (RuntimeError, ValueError, OSError) as err:
         logger.error("server failed: %s: %s", type(err).__name__, err)
         return 1
     except KeyboardInterrupt:
@@ -72,6 +77,7 @@ def _check_path(settings: Settings, backend: str) -> None:
 
 def _prepare(settings: Settings):
     """Everything checkable before a process starts: the model, the limits, the API key."""
+    from .queueing import trusted_networks
     from .spec import describe_model, limits_of
 
     spec = describe_model(settings)
@@ -90,6 +96,7 @@ def _prepare(settings: Settings):
         if not api_key:
             raise ValueError(f"--api-key-env {settings.api_key_env}: that environment variable "
                              "is unset or empty")
+    trusted_networks(settings.trusted_proxies)  # ValueError naming a bad entry
     _check_port(settings.host, settings.port)
     return spec, limits, api_key
 

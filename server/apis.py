@@ -12,8 +12,10 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import statistics
 import time
 from collections import defaultdict
+from pathlib import Path
 from queue import Queue
 from typing import NamedTuple, Optional
 
@@ -28,9 +30,9 @@ from model.distributions import DiagonalGaussianDistribution
 from model.io import from_model, to_model
 from runtime.tiling import Tiler
 
-from . import memory, metrics
+from . import memory, metrics, speed
 from .backends import load_backend
-from .budget import BUDGET_FRACTION, UNBOUNDED, BudgetPolicy, cost_megapixels
+from .budget import BUDGET_FRACTION, UNBOUNDED, Budget, BudgetPolicy, cost_megapixels
 from .litserve_adapter import STOP_SENTINEL, StopLoop
 from .logs import LOGGER, configure_logging
 from .payloads import Job
@@ -39,7 +41,10 @@ from .settings import Settings
 from .spec import ModelSpec
 
 logger = logging.getLogger(LOGGER)
-REMEASURE_BELOW = 2.0  # seconds: a warm-up shorter than this is timed a second time
+SPEED_RUNS = 5  # timed warm-up runs behind a recorded speed: their median (server/speed.py)
+SPEED_BOUNDS = 1.5  # served batches move the speed within this factor of the recorded one
+GROWTH_RUNS = 3  # timed runs of the larger warm-up (the largest whole pass: --max-pixels)
+GROWTH_MAX_SCALE = 4.0  # ... at most 4x the warm-up's side (a 64x64 model: its 256x256 tiles)
 # The share of the memory a worker may still use (server/memory.py) that a batch may plan to
 # take at the warm-up's measured bytes per megapixel: the rest covers what the estimate misses.
 MEMORY_FRACTION = 0.8
@@ -61,14 +66,17 @@ class BlockingBatchedLoop(BatchedLoop):
     when batch_timeout is 0, keeping a core busy per idle worker. Here the first request of a
     batch is awaited, and the batch then fills for at most batch_timeout seconds, while its
     requests' summed cost stays within the worker's request budget: the request that would
-    pass it is held over to start the next batch. A request that nobody waits for any more is
-    dropped unrun; one that the batch, at the measured speed, would finish after its deadline
-    gets 504 before the batch starts; a result finished after its deadline is not sent.
+    pass it, or make the batch end after any member's deadline, is held over to start the next
+    batch (a cheap request is never refused for an expensive batch-mate). A request that nobody
+    waits for any more is dropped unrun; one that the batch, at the measured speed, would
+    finish after its deadline gets 504 before the batch starts; a result finished after its
+    deadline is not sent.
     """
 
     def __init__(self):
         super().__init__()
-        self._held = None
+        self._pending: list = []  # taken off the queue, not yet batched, in arrival order
+        self._last_client = 0  # whose request started the previous batch
         self._deadlines: dict[str, float] = {}  # of the running batch's requests, by uid
         self._published = False  # whether the supervisor holds a list of running requests
 
@@ -80,7 +88,7 @@ class BlockingBatchedLoop(BatchedLoop):
         batch: list[Queued] = []
         cost, fill_until, room = 0.0, None, None
         while len(batch) < lit_api.max_batch_size:
-            item = self._next_item(request_queue, fill_until)
+            item = self._next_item(request_queue, fill_until, lit_api.max_batch_size)
             if item is None:
                 break
             if item == STOP_SENTINEL:
@@ -89,14 +97,17 @@ class BlockingBatchedLoop(BatchedLoop):
             total = cost + lit_api.job_cost(queued.job)
             room = lit_api.memory_room() if room is None else room  # read once per batch
             fits = lit_api.fits_in_memory(total, room)
-            if batch and (total > lit_api.budget_megapixels or not fits):
-                self._held = item
+            if batch and (total > lit_api.budget_megapixels or not fits
+                          or not _all_on_time(lit_api, [*batch, queued], total)):
+                self._pending.insert(0, item)  # for the next batch: never refused for a mate
                 break
             if not _take(lit_api, queued):
                 continue
             if not fits:  # alone, and more than the memory left: refused, not run
                 self._refuse_for_memory(lit_api, queued, room, transport)
                 continue
+            if not batch:
+                self._last_client = queued.job.client
             batch.append(queued)
             cost = total
             fill_until = fill_until or time.monotonic() + lit_api.batch_timeout
@@ -115,17 +126,29 @@ class BlockingBatchedLoop(BatchedLoop):
                           PickleableHTTPException(503, detail), LitAPIStatus.ERROR,
                           LoopResponseType.REGULAR)
 
-    def _next_item(self, request_queue: Queue, fill_until: Optional[float]):
-        """The held-over request, else the next queued one: awaited (for up to a second) while
-        the batch is empty, then until `fill_until`; None when none came."""
-        if self._held is not None:
-            item, self._held = self._held, None
+    def _next_item(self, request_queue: Queue, fill_until: Optional[float], lookahead: int):
+        """The next request for the batch: awaited (for up to a second) while the batch is
+        empty, then until `fill_until`; None when none came. Among those already queued, the
+        first batch slot goes to the oldest request of a client other than the one whose
+        request started the previous batch (round robin between clients: a client looping
+        expensive requests cannot keep another's small ones waiting behind all of its own)."""
+        # at most a batch's worth taken ahead: the endpoint's other workers take the rest
+        while len(self._pending) < lookahead and \
+                (item := self.get_request(request_queue, block=False)) is not None:
+            self._pending.append(item)
+        if not self._pending:
+            if fill_until is None:
+                item = self.get_request(request_queue, timeout=1.0)
+            else:
+                remaining = fill_until - time.monotonic()
+                item = self.get_request(request_queue, timeout=remaining) if remaining > 0 \
+                    else None
             return item
-        if fill_until is None:
-            return self.get_request(request_queue, timeout=1.0)
-        remaining = fill_until - time.monotonic()
-        return (self.get_request(request_queue, timeout=remaining) if remaining > 0
-                else self.get_request(request_queue, block=False))
+        if fill_until is None:  # choosing the first request of a batch
+            for index, waiting in enumerate(self._pending):
+                if waiting == STOP_SENTINEL or Queued(*waiting).job.client != self._last_client:
+                    return self._pending.pop(index)
+        return self._pending.pop(0)
 
     def _startable(self, lit_api: "RadioAPI", batch: list[Queued], cost: float,
                    transport: MessageTransport) -> list:
@@ -182,11 +205,19 @@ class BlockingBatchedLoop(BatchedLoop):
         os._exit(0)
 
 
+def _all_on_time(lit_api: "RadioAPI", batch: list[Queued], cost: float) -> bool:
+    """Whether a batch costing `cost` megapixels, started now, ends before every member's
+    deadline at the measured speed."""
+    ends = time.monotonic() + lit_api.seconds_per_megapixel * cost
+    return all(ends <= q.timestamp + lit_api.request_timeout for q in batch)
+
+
 def _take(lit_api: "RadioAPI", queued: Queued) -> bool:
     """Claim a queued request for the batch; False (it is dropped unrun) when nobody waits."""
     if time.monotonic() >= queued.timestamp + lit_api.request_timeout:
-        # Left unclaimed: its HTTP handler answers 504 at the deadline and takes the ticket
-        # back itself, so that the request is counted once, as never run.
+        # Its HTTP handler answers 504 at the deadline and frees the slot, counting the
+        # request once, as never run.
+        lit_api.slots.drop(queued.job.ticket)
         logger.info("%s: dropped request %s: its deadline passed in the queue",
                     lit_api.api_path, queued.uid)
         return False
@@ -208,7 +239,8 @@ class RadioAPI(ls.LitAPI):
                  threads: int = 0, warmup_size: Optional[tuple[int, int]] = None,
                  budget: BudgetPolicy = UNBOUNDED, max_queue: Optional[int] = None,
                  path: str = "auto", autotune_budget: float = 60.0,
-                 allow_inaccurate: bool = False):
+                 allow_inaccurate: bool = False, max_queue_bytes: float = float("inf"),
+                 largest_pass: int = 512 * 512):
         super().__init__(max_batch_size=max_batch_size, batch_timeout=batch_timeout,
                          api_path=f"/{self.name}", loop=BlockingBatchedLoop())
         self.model_spec, self.precision, self.require_cuda = spec, precision, require_cuda
@@ -216,6 +248,7 @@ class RadioAPI(ls.LitAPI):
         # the torch backend's inference path, and what measuring it may cost (runtime/autotune.py)
         self.path, self.autotune_budget = path, autotune_budget
         self.allow_inaccurate = allow_inaccurate
+        self.largest_pass = largest_pass  # pixels of the largest whole pass (--max-pixels)
         self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
         # Manager dicts the server attaches: what each worker published (for /info), and the
         # requests each worker is running (for the supervisor, should the worker die).
@@ -223,11 +256,18 @@ class RadioAPI(ls.LitAPI):
         self.running: Optional[dict] = None
         self.budget_megapixels = float("inf")  # set by setup, from the timed warm-up
         self.seconds_per_megapixel = 0.0  # likewise
+        self.growth = 0.0  # likewise: how a pass's cost grows above the warm-up size
+        self.measured_to = 0.0  # likewise: the larger warm-up's megapixels
+        self.recorded_rate = 0.0  # the recorded speed; seconds_per_megapixel moves around it
+        self._published_at = 0.0
         self.bytes_per_megapixel = 0.0  # likewise: peak resident memory a megapixel adds
         self.base_resident = 0  # resident bytes once the model is loaded, before any batch
         # Made here, in the main process: the HTTP processes fork with it, the workers get it
         # pickled at spawn.
-        self.slots = QueueSlots(max_queue or default_queue(max_batch_size, 1))
+        self.slots = QueueSlots(max_queue or default_queue(max_batch_size, 1), max_queue_bytes)
+        # Requests in flight (queued or running) per client, released only when answered: a
+        # client's share (server/queueing.py) counts the work it has running too.
+        self.in_flight = QueueSlots(2 * self.slots.capacity)
 
     def setup(self, device: str) -> None:
         configure_logging(self.log_level)  # a spawned worker starts with no logging set up
@@ -237,13 +277,25 @@ class RadioAPI(ls.LitAPI):
                                     self.threads, self.path, self.warmup_size,
                                     self.autotune_budget, self.name, self.allow_inaccurate)
         self.base_resident = memory.resident_bytes() or 0
-        rate, self.bytes_per_megapixel = self._measure_warmup()
-        self.seconds_per_megapixel = rate
+        measured = speed.recorded(self._speed_file(), self._speed_entry(), self._measure_warmup)
+        if measured["source"] != "measured":
+            self.run([self.warmup_job()])  # one-time costs paid before the first request
+        rate, self.bytes_per_megapixel = (measured["seconds_per_megapixel"],
+                                          measured["bytes_per_megapixel"])
+        self.growth = measured["cost_growth_per_megapixel"]
+        self.measured_to = measured["growth_measured_to_megapixels"]
+        self.seconds_per_megapixel = self.recorded_rate = rate
         self._set_budget(rate)
         described = {**self.backend.describe(), "endpoint": self.api_path, "pid": os.getpid(),
                      "seconds_per_megapixel": rate, "budget_megapixels": self.budget_megapixels,
-                     "bytes_per_megapixel": round(self.bytes_per_megapixel)}
-        logger.info("%s worker ready: %s", self.api_path, described)
+                     "bytes_per_megapixel": round(self.bytes_per_megapixel),
+                     "cost_growth_per_megapixel": self.growth,
+                     "growth_measured_to_megapixels": self.measured_to,
+                     "warmup_megapixels": self._warmup_cost(linear=True),
+                     "speed_source": measured["source"]}
+        logger.info("%s worker ready (pid %d): %s, %s; %.3g s/MP (%s), budget %.4g MP; GET /info "
+                    "has the details", self.api_path, os.getpid(), described["backend"],
+                    described["precision"], rate, measured["source"], self.budget_megapixels)
         if self.worker_info is not None:
             self.worker_info[self.worker_key] = described
 
@@ -258,16 +310,28 @@ class RadioAPI(ls.LitAPI):
         if self.running is not None:
             self.running[self.worker_key] = requests
 
-    def warmup_job(self) -> Job:
-        h, w = self.warmup_size
+    def warmup_job(self, scale: float = 1.0) -> Job:
+        """One map of the warm-up size, each side times `scale` (a multiple of the factor)."""
+        h, w = self._scaled(scale)
         return Job(np.zeros((1, 1, h, w), np.float32))
 
-    def job_cost(self, job: Job) -> float:
-        """Megapixels of output maps (server/budget.py)."""
-        return cost_megapixels(len(job.x), job.x.shape[-2:], self.factor, job.tiler)
+    def _scaled(self, scale: float) -> tuple[int, int]:
+        f = self.model_spec.downsample_factor
+        return tuple(max(f, round(side * scale / f) * f) for side in self.warmup_size)
 
-    def _warmup_cost(self) -> float:
-        return self.job_cost(self.warmup_job())
+    def job_cost(self, job: Job) -> float:
+        """Megapixels of output maps, grown with the size of a pass (server/budget.py)."""
+        return cost_megapixels(len(job.x), job.x.shape[-2:], self.factor, job.tiler,
+                               self.cost_model())
+
+    def cost_model(self) -> Budget:
+        return Budget(self.budget_megapixels, self.growth, self._warmup_cost(linear=True),
+                      self.measured_to)
+
+    def _warmup_cost(self, scale: float = 1.0, linear: bool = False) -> float:
+        job = self.warmup_job(scale)
+        return cost_megapixels(len(job.x), job.x.shape[-2:], self.factor) if linear \
+            else self.job_cost(job)
 
     def _set_budget(self, rate: float) -> None:
         one_map = self._warmup_cost()
@@ -282,21 +346,49 @@ class RadioAPI(ls.LitAPI):
                            "budget is that one map: raise --timeout", self.api_path,
                            rate * one_map, BUDGET_FRACTION)
 
-    def _measure_warmup(self) -> tuple[float, float]:
-        """The warm-up, measured: seconds and peak resident bytes per output megapixel of this
-        endpoint on this device. A short first run (one-time costs included) is timed once more
-        and the faster run kept; the memory is the first run's (nothing reused yet)."""
-        seconds, grown = self._measured_warmup()
-        if seconds < REMEASURE_BELOW:
-            seconds = min(seconds, self._measured_warmup()[0])
-        return seconds / self._warmup_cost(), grown / self._warmup_cost()
+    def _speed_file(self) -> Optional[Path]:
+        """Where this model's speed is recorded: beside its inference decision (None without
+        one: an ONNX export, an unwritable cache)."""
+        decision = getattr(self.backend, "decision", None)
+        return Path(decision.file).with_suffix(".speed.json") if decision and decision.file \
+            else None
 
-    def _measured_warmup(self) -> tuple[float, int]:
+    def _speed_entry(self) -> str:
+        h, w = self.warmup_size
+        return f"v4 {self.name} {h}x{w} to {self.largest_pass} batch {self.max_batch_size}"
+
+    def _measure_warmup(self) -> speed.Speed:
+        """Seconds and peak resident bytes per output megapixel of this endpoint on this
+        device: the first run's memory (nothing reused yet) and the median of SPEED_RUNS timed
+        runs after it (one-time costs paid, kernel choices settled by the decision)."""
+        first, grown = self._measured_warmup()
+        times = [self._measured_warmup()[0] for _ in range(SPEED_RUNS)]
+        cost = self._warmup_cost(linear=True)
+        rate = statistics.median(times) / cost
+        # The same at the largest whole pass: how a pixel's cost changes with the pass's size.
+        scale = min((self.largest_pass / (cost * 1e6)) ** 0.5, GROWTH_MAX_SCALE)
+        big = self._warmup_cost(scale, linear=True)
+        if big <= cost * 1.2:
+            return {"seconds_per_megapixel": rate, "bytes_per_megapixel": grown / cost,
+                    "cost_growth_per_megapixel": 0.0, "growth_measured_to_megapixels": cost}
+        # Its first run also gives the memory a megapixel takes: a small warm-up's activations
+        # fit in what the allocator already holds, and measured 0.5-80 MB/MP against the
+        # 0.26-1.4 GB/MP requests took in a container.
+        grown_big = self._measured_warmup(scale)[1]
+        larger = statistics.median(self._measured_warmup(scale)[0] for _ in range(GROWTH_RUNS))
+        growth = (larger / big / rate - 1.0) / (big - cost)
+        logger.info("%s: warm-up %.3g s, then %s s (median kept); %.3g s at %dx%d", self.api_path,
+                    first, ", ".join(f"{t:.3g}" for t in times), larger, *self._scaled(scale))
+        return {"seconds_per_megapixel": rate,
+                "bytes_per_megapixel": max(grown / cost, grown_big / big),
+                "cost_growth_per_megapixel": growth, "growth_measured_to_megapixels": big}
+
+    def _measured_warmup(self, scale: float = 1.0) -> tuple[float, int]:
         """Seconds of one warm-up run and the resident memory it added at its peak (0 where
         the peak cannot be measured)."""
         base = memory.resident_bytes() if memory.reset_peak() else None
         start = time.perf_counter()
-        self.run([self.warmup_job()])
+        self.run([self.warmup_job(scale)])
         seconds = time.perf_counter() - start
         peak = memory.peak_resident_bytes()
         return seconds, 0 if base is None or peak is None else max(peak - base, 0)
@@ -333,10 +425,28 @@ class RadioAPI(ls.LitAPI):
                 results[i] = result
             self._observe_forward_passes(sum(len(job.x) for job in group))
         endpoint = self.api_path
-        metrics.MODEL_SECONDS.labels(endpoint).observe(time.perf_counter() - start)
+        seconds = time.perf_counter() - start
+        self._refresh_speed(seconds, sum(self.job_cost(job) for job in jobs))
+        metrics.MODEL_SECONDS.labels(endpoint).observe(seconds)
         metrics.BATCH_REQUESTS.labels(endpoint).observe(len(jobs))
         metrics.MAPS.labels(endpoint).inc(sum(len(job.x) for job in jobs))
         return results
+
+    def _refresh_speed(self, seconds: float, cost: float) -> None:
+        """Move the speed behind deadline checks (a batch that would end too late: 504) and
+        Retry-After towards what served batches show, a fifth of the way per batch, within
+        SPEED_BOUNDS of the recorded speed; the budget (413) stays the recorded one."""
+        if cost <= 0 or not self.recorded_rate:
+            return
+        observed = seconds / cost
+        low, high = self.recorded_rate / SPEED_BOUNDS, self.recorded_rate * SPEED_BOUNDS
+        rate = 0.8 * self.seconds_per_megapixel + 0.2 * observed
+        self.seconds_per_megapixel = min(max(rate, low), high)
+        if self.worker_info is not None and time.monotonic() > self._published_at + 10.0:
+            self._published_at = time.monotonic()  # at most every 10 s: a manager round trip
+            self.worker_info[self.worker_key] = {**self.worker_info[self.worker_key],
+                                                 "seconds_per_megapixel":
+                                                     self.seconds_per_megapixel}
 
     def encode_response(self, output: np.ndarray) -> np.ndarray:
         return output  # encoded for the client's Accept by the HTTP process
@@ -394,8 +504,8 @@ class DecodeAPI(RadioAPI):
     def factor(self) -> int:
         return self.model_spec.downsample_factor
 
-    def warmup_job(self) -> Job:
-        h, w = self.warmup_size
+    def warmup_job(self, scale: float = 1.0) -> Job:
+        h, w = self._scaled(scale)
         f = self.model_spec.downsample_factor
         return Job(np.zeros((1, self.model_spec.latent_channels, h // f, w // f), np.float32))
 
@@ -434,5 +544,7 @@ def build_apis(spec: ModelSpec, settings: Settings) -> list[RadioAPI]:
                 settings.device == "cuda", settings.log_level, settings.threads,
                 settings.resolution, budget=budget, max_queue=settings.queue_capacity,
                 path=settings.path, autotune_budget=settings.autotune_budget,
-                allow_inaccurate=settings.allow_inaccurate_path)
+                allow_inaccurate=settings.allow_inaccurate_path,
+                max_queue_bytes=settings.max_queue_mb * 2**20,
+                largest_pass=settings.max_pixels)
             for cls in (EncodeAPI, DecodeAPI, ReconstructAPI)]

@@ -22,9 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import multiprocessing as mp
+import os
 import platform
 import signal
+import socket
 import threading
+import time
 from importlib import metadata
 from collections.abc import Awaitable, Callable
 from typing import Any, Optional
@@ -40,7 +43,7 @@ from .budget import BudgetPolicy, budget_report
 from .logs import LOGGER
 from .payloads import Job
 from .protocol import OPERATIONS
-from .queueing import Abandoned, QueueSlots
+from .queueing import Abandoned, QueueSlots, trusted_networks
 from .docs import install_offline_docs
 from .litserve_adapter import STOP_SENTINEL, AdaptedLitServer, AdaptedRequestHandler
 from .routes import (HEALTH_RESPONSES, INFO_RESPONSES, METRICS_RESPONSES, Context,
@@ -57,11 +60,14 @@ class RadioDiffServer(AdaptedLitServer):
     def __init__(self, settings: Settings, spec: ModelSpec, limits: Limits,
                  api_key: Optional[str] = None):
         self.settings = settings
-        self.context = Context(spec, limits, api_key, self._published)
+        self.context = Context(spec, limits, api_key, self._published,
+                               trusted_networks(settings.trusted_proxies),
+                               settings.body_timeout)
         self.stop_reason: Optional[str] = None
         self._stopped = self._stop_requested = False
         self._stop_lock = threading.Lock()
         self._monitor: Optional[threading.Thread] = None
+        self.queue_pid: Optional[int] = None
         accelerator = resolve_accelerator(settings.device)
         apis = build_apis(spec, settings)
         super().__init__(apis, accelerator=accelerator,
@@ -102,24 +108,51 @@ class RadioDiffServer(AdaptedLitServer):
         # The manager process (forked here) inherits SIG_IGN: a SIGTERM sent to the whole process
         # group (systemd, `timeout`) must not kill the queues before in-flight requests finish.
         previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        before = {p.pid for p in mp.active_children()}
         try:
             manager = make_manager()
         finally:
             signal.signal(signal.SIGTERM, previous)
+        started = [p.pid for p in mp.active_children() if p.pid not in before]
+        self.queue_pid = started[0] if started else None  # for /info: the manager's process
         self.worker_info = manager.dict()
         self.running = manager.dict()  # worker key -> [(response queue, uid)] of its batch
         for api in self.litapi_connector:
             api.worker_info, api.running = self.worker_info, self.running
         return manager
 
+    def wait_for_workers(self) -> None:
+        """Until one worker is ready (litserve then opens the port): a worker that reports a
+        failed setup, the death of every worker (kill -9, the OOM killer: no status is ever
+        reported) or a stop request ends the wait, so a start that cannot succeed exits."""
+        while True:
+            statuses = dict(self.workers_setup_status)
+            if any(v == WorkerSetupStatus.READY for v in statuses.values()):
+                return
+            if any(v == WorkerSetupStatus.ERROR for v in statuses.values()):
+                raise RuntimeError("an inference worker failed to start; see the log above")
+            workers = getattr(self, "inference_workers", [])
+            if workers and not any(p.is_alive() for p in workers):
+                codes = ", ".join(str(p.exitcode) for p in workers)
+                raise RuntimeError(f"every inference worker died during start-up (exit codes "
+                                   f"{codes}: killed, often for lack of memory, or crashed)")
+            if self._stop_requested:
+                raise KeyboardInterrupt
+            time.sleep(0.05)
+
     def start_worker_monitor(self, manager, uvicorn_workers: dict) -> None:
-        supervisor = WorkerSupervisor(self, self.settings.max_worker_restarts)
+        supervisor = WorkerSupervisor(self, self.settings.max_worker_restarts,
+                                      list(uvicorn_workers.values()))
         self._monitor = threading.Thread(target=supervisor.watch, daemon=True,
                                          name="worker-supervisor")
         self._monitor.start()
 
     def stopping(self) -> bool:
-        return self._stop_requested or self._stopped or self.shutting_down()
+        return self.stopping_locally() or self.shutting_down()
+
+    def stopping_locally(self) -> bool:
+        """A stop was asked for or has run (known without asking the queue process)."""
+        return self._stop_requested or self._stopped
 
     def request_stop(self) -> None:
         """Ask the main thread (waiting in LitServer.run) to shut down; callable from any thread
@@ -144,6 +177,7 @@ class RadioDiffServer(AdaptedLitServer):
             self._stopped = True
         logger.info("shutting down: in-flight requests get up to %.0f s",
                     self.uvicorn_graceful_timeout)
+        stop_listening(self.settings.port)
         for process in uvicorn_workers.values():  # SIGTERM: uvicorn stops accepting and drains
             _stop(process, self.uvicorn_graceful_timeout + 2)
         for api in self.litapi_connector:
@@ -175,7 +209,9 @@ class RadioDiffServer(AdaptedLitServer):
     async def _info(self, request: Request) -> JSONResponse:
         authorize(request, self.context.api_key)
         workers = await run_in_threadpool(self._published)
-        return JSONResponse(info_document(self.settings, self.context, workers))
+        processes = {"main": os.getppid(), "queue": self.queue_pid, "http": os.getpid()}
+        return JSONResponse({**info_document(self.settings, self.context, workers),
+                             "processes": processes})
 
     def _published(self) -> list[dict]:
         """What each ready inference worker published (backend, speed, budget); blocking."""
@@ -194,6 +230,10 @@ class QueuedRequestHandler(AdaptedRequestHandler):
     @property
     def slots(self) -> QueueSlots:
         return self.lit_api.slots
+
+    @property
+    def in_flight(self) -> QueueSlots:
+        return self.lit_api.in_flight
 
     @property
     def timeout(self) -> float:
@@ -274,6 +314,27 @@ def _version(name: str) -> Optional[str]:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def stop_listening(port: int) -> None:
+    """Shut the listening socket on `port` down for every process that holds it. The main
+    process binds it before it forks the queue process and the HTTP processes, so after the HTTP
+    process stops accepting, the kernel would still complete new connections for the whole
+    drain, nobody would read them, and they would be reset at exit (a lost request behind a
+    balancer, which cannot tell it from a started one). Shut down, the port refuses them, and a
+    balancer sends them to another replica."""
+    for fd in os.listdir("/proc/self/fd") if os.path.isdir("/proc/self/fd") else []:
+        try:
+            sock = socket.socket(fileno=os.dup(int(fd)))
+        except OSError:  # not a socket, or already closed
+            continue
+        with sock:
+            try:
+                listening = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
+                if listening and sock.getsockname()[1] == port:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError as err:
+                logger.debug("stop listening: fd %s: %s", fd, err)
 
 
 def _stop(process: mp.Process, timeout: float) -> None:

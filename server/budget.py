@@ -3,10 +3,16 @@
 A request's cost is the map-resolution pixels it pushes through the network, in megapixels:
 maps x H x W of the maps after ?resize= (/encode, /reconstruct), or latents x h x w x f^2 of
 the maps they decode to (/decode); a tiled request computes its tiles, so it costs maps x
-tiles x tile pixels (overlaps counted as often as they are computed). Each inference worker
-times its endpoint once at start (the warm-up), giving seconds per megapixel; the budget is the cost that fits in
-BUDGET_FRACTION of the request deadline (--timeout) at that speed, unless --max-request-cost
-sets it. The HTTP processes refuse an over-budget request with 413 before it is queued, and a
+tiles x tile pixels (overlaps counted as often as they are computed). A pixel of a larger pass
+costs more (the mid-block attention grows with the square of the latent's pixels, larger
+activations leave the caches) or less (a small warm-up is dominated by per-call overheads): a
+pass of P megapixels costs P x (1 + growth x (P - P0)), P0 the warm-up map's megapixels and
+`growth` measured at start from a second warm-up at the largest whole pass the server runs
+(--max-pixels, at most 4x the warm-up's side); past it a cost grows on and is never
+extrapolated cheaper. Each inference worker records its speed once per machine
+(server/speed.py), giving seconds per megapixel at the warm-up size; the budget is the cost
+that fits in BUDGET_FRACTION of the request deadline (--timeout) at that speed, unless
+--max-request-cost sets it. The HTTP processes refuse an over-budget request with 413 before it is queued, and a
 worker forms its batches under the same budget (server/apis.py).
 """
 from __future__ import annotations
@@ -28,14 +34,35 @@ BUDGET_FRACTION = 0.5
 MEGA = 1e6
 
 
+@dataclass(frozen=True)
+class Budget:
+    """An endpoint's per-request budget and how its cost changes with the size of a pass."""
+    megapixels: float
+    growth: float = 0.0  # per megapixel above `reference` (see the module); < 0: cheaper
+    reference: float = 0.0  # the warm-up map's megapixels
+    measured_to: float = 0.0  # the larger warm-up's megapixels: the end of the measured range
+
+    def pass_cost(self, megapixels: float) -> float:
+        """Warm-up-speed megapixels of one pass: interpolated between the two warm-ups;
+        beyond the larger one it grows on (never extrapolated cheaper)."""
+        above = max(megapixels - self.reference, 0.0)
+        if self.growth < 0:
+            above = min(above, max(self.measured_to - self.reference, 0.0))
+        return megapixels * (1.0 + self.growth * above)
+
+
+UNLIMITED = Budget(float("inf"))
+
+
 def cost_megapixels(count: int, hw: tuple[int, int], factor: int = 1,
-                    tiler: Optional[Tiler] = None) -> float:
-    """Map-resolution megapixels of `count` arrays of size `hw` (latents: factor f); run
-    through `tiler`, what its tiles compute: tiles x tile pixels per map."""
+                    tiler: Optional[Tiler] = None, budget: Budget = UNLIMITED) -> float:
+    """The cost of `count` arrays of size `hw` (latents: factor f): map-resolution megapixels
+    per pass, grown as `budget` says; run through `tiler`, its passes are the tiles."""
     h, w = int(hw[0]) * factor, int(hw[1]) * factor
     if tiler is None:
-        return count * h * w / MEGA
-    return count * tiler.count(h, w) * min(h, tiler.tile) * min(w, tiler.tile) / MEGA
+        return count * budget.pass_cost(h * w / MEGA)
+    tile = min(h, tiler.tile) * min(w, tiler.tile) / MEGA
+    return count * tiler.count(h, w) * budget.pass_cost(tile)
 
 
 @dataclass(frozen=True)
@@ -59,32 +86,46 @@ class BudgetPolicy:
 UNBOUNDED = BudgetPolicy(float("inf"))  # no deadline: every request fits (direct use, tests)
 
 
-def check_cost(path: str, count: int, hw: tuple[int, int], factor: int, budget: float,
+def check_cost(path: str, count: int, hw: tuple[int, int], factor: int, budget: Budget,
                tiler: Optional[Tiler] = None) -> None:
-    """413 when `count` arrays of size `hw` (through `tiler`) cost more than `budget`
-    megapixels."""
-    cost = cost_megapixels(count, hw, factor, tiler)
-    if cost <= budget:
+    """413 when `count` arrays of size `hw` (through `tiler`) cost more than `budget`."""
+    cost = cost_megapixels(count, hw, factor, tiler, budget)
+    if cost <= budget.megapixels:
         return
     h, w = int(hw[0]) * factor, int(hw[1]) * factor
     tiles = f", each computed as {tiler.count(h, w)} tiles of {tiler.tile}" if tiler else ""
     metrics.reject(path, "over_budget")
     raise RequestError(
         413, f"{path}: this request costs {cost:.4g} megapixels of compute ({count} x {h}x{w} "
-             f"output maps{tiles}) and the per-request budget is {budget:.4g} megapixels (GET "
-             "/info: budget); send fewer maps per request, or a smaller ?resize=",
-        fields={"cost_megapixels": round(cost, 6), "budget_megapixels": round(budget, 6)})
+             f"output maps{tiles}) and the per-request budget is {budget.megapixels:.4g} "
+             "megapixels (GET /info: budget); send fewer maps per request, or a smaller "
+             "?resize=",
+        fields={"cost_megapixels": round(cost, 6),
+                "budget_megapixels": round(budget.megapixels, 6)})
 
 
-def endpoint_budget(workers: Iterable[dict], path: str) -> float:
-    """The budget of `path`: the smallest its workers published; 503 before any has."""
-    budgets = [w["budget_megapixels"] for w in workers
-               if w.get("endpoint") == path and "budget_megapixels" in w]
-    if not budgets:
+def endpoint_budget(workers: Iterable[dict], path: str) -> Budget:
+    """The budget of `path`: the smallest its workers published, with the steepest growth;
+    503 before any has."""
+    mine = [w for w in workers if w.get("endpoint") == path and "budget_megapixels" in w]
+    if not mine:
         raise RequestError(503, f"{path}: its inference worker is still warming up (the "
                                 "request budget is measured then); retry shortly",
                            headers={"Retry-After": "1"})
-    return min(budgets)
+    steepest = max(mine, key=lambda w: w.get("cost_growth_per_megapixel", 0.0))
+    return Budget(min(w["budget_megapixels"] for w in mine),
+                  steepest.get("cost_growth_per_megapixel", 0.0),
+                  steepest.get("warmup_megapixels", 0.0),
+                  steepest.get("growth_measured_to_megapixels", 0.0))
+
+
+def client_share(workers: Iterable[dict], path: str, timeout: float) -> float:
+    """Megapixels the endpoint's workers compute in `timeout` seconds at their measured speed
+    (the slowest worker's, times their number): the most one client may have in progress, since
+    more of its requests would time out anyway; unbounded before any worker has measured."""
+    rates = [w["seconds_per_megapixel"] for w in workers
+             if w.get("endpoint") == path and w.get("seconds_per_megapixel")]
+    return len(rates) * timeout / max(rates) if rates else float("inf")
 
 
 def budget_report(workers: Iterable[dict], policy: BudgetPolicy) -> dict:
@@ -96,7 +137,10 @@ def budget_report(workers: Iterable[dict], policy: BudgetPolicy) -> dict:
         entry["seconds_per_megapixel"] = max(entry["seconds_per_megapixel"],
                                              w["seconds_per_megapixel"])
         entry["budget_megapixels"] = min(entry["budget_megapixels"], w["budget_megapixels"])
+        entry["cost_growth_per_megapixel"] = max(entry.get("cost_growth_per_megapixel", -1e9),
+                                                 w.get("cost_growth_per_megapixel", 0.0))
     return {"unit": "megapixels of output maps per request (maps x H x W; tiled: maps x tiles "
-                    "x tile pixels)",
+                    "x tile pixels), a pass of P megapixels counted as P x (1 + growth x (P - "
+                    "the warm-up's megapixels)) above the warm-up size",
             "fraction_of_timeout": BUDGET_FRACTION, "timeout": policy.timeout,
             "max_request_cost": policy.override, "endpoints": endpoints}

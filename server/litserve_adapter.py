@@ -41,6 +41,9 @@ class AdaptedLitServer(ls.LitServer):
     def _init_manager(self, num_api_servers: int):
         return self.init_manager(functools.partial(super()._init_manager, num_api_servers))
 
+    def verify_worker_status(self) -> None:  # litserve's wait for a first ready worker
+        self.wait_for_workers()
+
     def _start_worker_monitoring(self, manager, uvicorn_workers) -> None:
         self.start_worker_monitor(manager, uvicorn_workers)
 
@@ -61,6 +64,10 @@ class AdaptedLitServer(ls.LitServer):
 
     def init_manager(self, make_manager: Callable[[], Any]):
         """Return litserve's manager, made by calling `make_manager()`."""
+        raise NotImplementedError
+
+    def wait_for_workers(self) -> None:
+        """Return once the server may open its port; raise to stop it."""
         raise NotImplementedError
 
     def start_worker_monitor(self, manager, uvicorn_workers: dict) -> None:

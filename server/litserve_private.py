@@ -17,6 +17,9 @@ PRIVATE_NAMES: dict[str, str] = {
     "litserve.server.LitServer._perform_graceful_shutdown": "bounded drain, dead-worker stop",
     "litserve.server.LitServer._start_worker_monitoring": "restart a dead worker, answer its "
                                                           "requests (server/supervisor.py)",
+    # not underscored, but not public API either (not in litserve's docs): its wait for a first
+    # ready worker never ends when every worker dies without reporting an error
+    "litserve.server.LitServer.verify_worker_status": "exit 1 when every worker died at start",
     # LitServer members called
     "litserve.server.LitServer._get_request_queue": "the queue a handler submits to",
     "litserve.server.LitServer._inference_workers_config_for_api": "workers per endpoint",

@@ -2,7 +2,9 @@
 
 Available memory is the smaller of the kernel's MemAvailable and what the worker's memory
 cgroup (v2, or v1) still allows, counting reclaimable file cache as free as the kernel does:
-a container's limit is what its OOM killer enforces, whatever the host has free. The peak of
+a container's limit is what its OOM killer enforces, whatever the host has free. Limits nest:
+the cgroup's own and every ancestor's that this process can see (a systemd slice, a pod) count,
+the tightest wins. The peak of
 this process's resident memory is read from /proc/self/status (VmHWM), and reset through
 /proc/self/clear_refs so that one forward pass can be measured. Elsewhere (no /proc) nothing
 is known and nothing is refused.
@@ -40,32 +42,45 @@ def _stat(text: Optional[str], name: str) -> int:
     return 0
 
 
-def _cgroup_dirs() -> list[tuple[Path, str]]:
-    """(directory, version) of this process's memory cgroup: its own path, else the mount's
-    root (inside a cgroup namespace the two are the same)."""
+def _cgroup_dirs() -> list[tuple[Path, Path, str]]:
+    """(directory, mount root, version) of this process's memory cgroup: its own path, else the
+    mount's root (inside a cgroup namespace, a container's, the two are the same)."""
     found = []
     for line in (_read(PROC / "self/cgroup") or "").splitlines():
         _, controllers, path = line.split(":", 2)
         if controllers == "":
-            found += [(CGROUP / path.lstrip("/"), "v2"), (CGROUP, "v2")]
+            found += [(CGROUP / path.lstrip("/"), CGROUP, "v2"), (CGROUP, CGROUP, "v2")]
         elif "memory" in controllers.split(","):
             root = CGROUP / "memory"
-            found += [(root / path.lstrip("/"), "v1"), (root, "v1")]
+            found += [(root / path.lstrip("/"), root, "v1"), (root, root, "v1")]
     return found
 
 
+def _levels(directory: Path, root: Path) -> list[Path]:
+    """`directory` and its ancestors up to the mount `root`, innermost first."""
+    levels = [directory]
+    while levels[-1] != root and root in levels[-1].parents:
+        levels.append(levels[-1].parent)
+    return levels
+
+
 def _cgroup_memory() -> tuple[Optional[int], Optional[int]]:
-    """(limit, free) bytes of this process's memory cgroup; None where it sets no limit."""
-    for directory, version in _cgroup_dirs():
+    """(limit, free) bytes of this process's memory cgroup, the tightest over it and its
+    ancestors; None where none of them sets a limit."""
+    for directory, root, version in _cgroup_dirs():
         if not directory.is_dir():
             continue
         names = (("memory.max", "memory.current", "inactive_file") if version == "v2" else
                  ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file"))
-        limit, usage = _read(directory / names[0]), _read(directory / names[1])
-        if limit is None or usage is None or limit.strip() == "max" or int(limit) >= 1 << 60:
-            return None, None
-        cache = _stat(_read(directory / "memory.stat"), names[2])
-        return int(limit), int(limit) - (int(usage) - cache)
+        limits, frees = [], []
+        for level in _levels(directory, root):
+            limit, usage = _read(level / names[0]), _read(level / names[1])
+            if limit is None or usage is None or limit.strip() == "max" or int(limit) >= 1 << 60:
+                continue  # no limit at this level (v2's root has no memory.max at all)
+            cache = _stat(_read(level / "memory.stat"), names[2])
+            limits.append(int(limit))
+            frees.append(int(limit) - (int(usage) - cache))
+        return (min(limits), min(frees)) if limits else (None, None)
     return None, None
 
 

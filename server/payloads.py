@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -16,10 +17,10 @@ import numpy as np
 from PIL import Image
 
 from model.io import (RadioMapError, RadioMapTooLarge, check_map, decode_npy, decode_png,
-                      encode_npy, encode_png)
+                      encode_npy, encode_png, npy_shape, png_size)
 from runtime.tiling import Tiler
 
-from .budget import check_cost
+from .budget import UNLIMITED, Budget, check_cost
 from .protocol import JSON, NPY, PNG, Operation, Options, RequestError
 from .queueing import Ticket
 from .spec import Limits, ModelSpec
@@ -39,6 +40,7 @@ class Job:
     scaled: bool = False
     tiler: Optional[Tiler] = None  # run through these tiles; None: whole
     ticket: Optional[Ticket] = None  # its place in the endpoint's queue (server/queueing.py)
+    client: int = 0  # who sent it (server/queueing.py client_key): batches alternate clients
 
 
 @dataclass
@@ -49,17 +51,17 @@ class Payload:
 
 
 def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: Limits,
-                options: Options, budget: float = float("inf")) -> Payload:
+                options: Options, budget: Budget = UNLIMITED) -> Payload:
     """Request body -> checked float32 [N, C, H, W] (maps resized if asked) and the tiles it
     runs through; the size it is to be computed at (after ?resize=) is checked, then its cost
-    (server/budget.py) against `budget` megapixels, before any resize."""
+    (server/budget.py) against `budget`, before any resize."""
     if kind == JSON:
         items, encoding, is_list = _json_items(body, limits.max_request_maps)
-        arrays = [_decode_item(item, encoding, op, limits, options) for item in items]
-        payload = _stack(arrays, op, spec) if is_list else _as_batch(arrays[0], op, spec)
     else:
-        payload = _as_batch(_decode_item(body, "png" if kind == PNG else "npy", op, limits,
-                                         options), op, spec)
+        items, encoding, is_list = [body], ("png" if kind == PNG else "npy"), False
+    _check_declared(items, encoding, op, spec, limits, options, budget)
+    arrays = [_decode_item(item, encoding, op, limits, options) for item in items]
+    payload = _stack(arrays, op, spec) if is_list else _as_batch(arrays[0], op, spec)
     _check_count(payload.array.shape[0], limits)
     size = _output_size(payload.array, op, spec, options)
     payload.tiler = tiling(size, options, limits)
@@ -77,6 +79,40 @@ def decode_body(body: bytes, kind: str, op: Operation, spec: ModelSpec, limits: 
                                     f"posterior's are O(1) to O(10)); got max |z| = "
                                     f"{np.abs(payload.array).max():.4g}")
     return payload
+
+
+def _check_declared(items: list[bytes], encoding: str, op: Operation, spec: ModelSpec,
+                    limits: Limits, options: Options, budget: Budget) -> None:
+    """Cost before work: from the sizes the items declare (PNG IHDR, npy header), refuse a
+    request whose decoded pixels, map size or compute cost is over its limit before any pixel
+    is decoded (a 100-byte PNG may declare 4096x4096). The checks after decoding still run."""
+    shapes = [_declared(item, encoding) for item in items]
+    if op.takes != "map" or any(len(shape) < 2 for shape in shapes):
+        return  # latents and odd shapes: bounded by the body size, checked once decoded
+    largest = limits.max_pixels if options.tiled is False else limits.max_tiled_pixels
+    if any(math.prod(shape) > largest for shape in shapes):
+        return  # one item over the limit: its decoder refuses it from its header, naming it
+    pixels = sum(math.prod(shape) for shape in shapes)
+    bound = max(limits.max_tiled_pixels, limits.max_request_maps * limits.max_pixels)
+    if pixels > bound:  # more than one largest map, or a full request of whole maps
+        raise RequestError(413, f"the request's maps declare {pixels} pixels in all; a request "
+                                f"may hold at most {bound} (the larger of --max-tiled-pixels "
+                                f"and --max-request-maps x --max-pixels)")
+    sizes = {tuple(shape[-2:]) for shape in shapes}
+    if len(sizes) == 1:  # else refused once decoded: items of one list must share a shape
+        size = tuple(options.resize or sizes.pop())
+        maps = sum(math.prod(shape[:-2]) for shape in shapes)
+        _check_count(maps, limits)
+        tiler = tiling(size, options, limits)
+        check_map_size(size, limits, tiler, options)
+        check_cost(op.path, maps, size, 1, budget, tiler)
+
+
+def _declared(item: bytes, encoding: str) -> tuple[int, ...]:
+    try:
+        return png_size(item) if encoding == "png" else npy_shape(item)
+    except RadioMapError as err:
+        raise RequestError(400, str(err)) from None
 
 
 def _output_size(array: np.ndarray, op: Operation, spec: ModelSpec,
@@ -112,6 +148,12 @@ def _check_count(count: int, limits: Limits) -> None:
 
 def _json_items(body: bytes, max_items: int) -> tuple[list[bytes], str, bool]:
     """The base64-decoded items of a JSON body, their encoding, and whether they came as a list."""
+    # Base64 holds no comma, so a body of at most max_items items has at most max_items + 1 of
+    # them: counted (in C, no allocation) before parsing, since parsing a body of millions of
+    # empty items takes seconds and gigabytes.
+    if body.count(b",") > max_items + 1:
+        raise RequestError(413, f"a request holds 1 to {max_items} items; this JSON body holds "
+                                f"more")
     try:
         doc = json.loads(body)
     except (ValueError, RecursionError) as err:

@@ -10,6 +10,8 @@ same queue under one lock: the limit is per endpoint, not per HTTP process.
 """
 from __future__ import annotations
 
+import hashlib
+import ipaddress
 import math
 import multiprocessing as mp
 from collections.abc import Iterable
@@ -33,41 +35,100 @@ class Ticket:
     generation: int
 
 
-class QueueSlots:
-    """The tickets of one endpoint's queue: at most `capacity` requests wait at a time."""
+class OverShare(Exception):
+    """The client already has `held` megapixels queued: more would pass its share."""
 
-    def __init__(self, capacity: int):
+    def __init__(self, held: float):
+        super().__init__(held)
+        self.held = held
+
+
+FREE, QUEUED, ABANDONED, DROPPED = 0, 1, 2, 3  # a slot's states (QueueSlots)
+
+
+class QueueSlots:
+    """The tickets of one endpoint's queue: at most `capacity` requests are in it at a time,
+    counting those whose client left but whose payload the queue still holds (ABANDONED: the
+    next worker to meet it drops it and frees the slot), so that the queue process never holds
+    more payloads than its capacity; at most `max_bytes` of payloads; and one client's cost
+    stays within its share (one per-request budget), so that a client looping expensive
+    requests cannot fill the queue ahead of everyone else.
+
+    A slot goes FREE -> QUEUED (take) -> FREE when a worker runs it (claim), or -> ABANDONED
+    when its handler stops waiting (abandon) -> FREE when a worker meets it (claim, False), or
+    -> DROPPED when a worker drops it at its deadline (drop) -> FREE when its handler gives up
+    (abandon). `release` frees a slot at once (for accounting that ends with the answer)."""
+
+    def __init__(self, capacity: int, max_bytes: float = math.inf):
         # A spawn-context lock: a fork-context one cannot be passed to the spawned workers.
         ctx = mp.get_context("spawn")
-        self.capacity = capacity
-        self._generation = ctx.Array("q", capacity)  # per slot: even: free; odd: a request waits
-        self._cost = ctx.Array("d", capacity, lock=False)  # under _generation's lock
+        self.capacity, self.max_bytes = capacity, max_bytes
+        self._generation = ctx.Array("q", capacity)  # which request a slot holds (its ticket)
+        self._state = ctx.Array("b", capacity, lock=False)  # under _generation's lock
+        self._cost = ctx.Array("d", capacity, lock=False)
+        self._bytes = ctx.Array("q", capacity, lock=False)
+        self._client = ctx.Array("q", capacity, lock=False)  # who queued it (0: nobody known)
 
-    def take(self, cost: float) -> Optional[Ticket]:
-        """A ticket for a request costing `cost` megapixels; None when the queue is full."""
+    def take(self, cost: float, client: int = 0, share: float = math.inf,
+             size: int = 0) -> Optional[Ticket]:
+        """A ticket for `client`'s request costing `cost` megapixels and `size` payload bytes;
+        None when the queue is full (slots or bytes); OverShare when the client has work in it
+        and this would take it past `share` (with nothing in it, a client may always queue one
+        admitted request)."""
         with self._generation.get_lock():
+            held = [slot for slot in range(self.capacity) if self._state[slot] != FREE]
+            mine = sum(self._cost[s] for s in held if client and self._client[s] == client
+                       and self._state[s] == QUEUED)
+            if mine and mine + cost > share:
+                raise OverShare(mine)
+            if sum(self._bytes[s] for s in held) + size > self.max_bytes:
+                return None
+            free = next((slot for slot in range(self.capacity) if self._state[slot] == FREE),
+                        None)
+            if free is None:
+                return None
             generations = self._generation.get_obj()
-            for slot, generation in enumerate(generations):
-                if generation % 2 == 0:
-                    generations[slot] = generation + 1
-                    self._cost[slot] = cost
-                    return Ticket(slot, generation + 1)
-        return None
+            generations[free] += 1
+            self._state[free] = QUEUED
+            self._cost[free], self._bytes[free], self._client[free] = cost, size, client
+            return Ticket(free, generations[free])
+
+    def _move(self, ticket: Ticket, moves: dict[int, int]) -> Optional[int]:
+        """Under the lock: the slot's state before, moved as `moves` says (None: not this
+        ticket's request any more)."""
+        if self._generation.get_obj()[ticket.slot] != ticket.generation:
+            return None
+        before = self._state[ticket.slot]
+        after = moves.get(before, before)
+        self._state[ticket.slot] = after
+        if after == FREE:
+            self._cost[ticket.slot], self._bytes[ticket.slot] = 0.0, 0
+            self._client[ticket.slot] = 0
+        return before
 
     def claim(self, ticket: Ticket) -> bool:
-        """Hand `ticket` back: True for the first caller only (worker or HTTP handler)."""
+        """A worker meets the request: True to run it; False to drop it (its client left)."""
         with self._generation.get_lock():
-            generations = self._generation.get_obj()
-            if generations[ticket.slot] != ticket.generation:
-                return False
-            generations[ticket.slot] += 1
-            self._cost[ticket.slot] = 0.0
-            return True
+            return self._move(ticket, {QUEUED: FREE, ABANDONED: FREE}) == QUEUED
+
+    def drop(self, ticket: Ticket) -> None:
+        """A worker drops the request unrun (its deadline passed in the queue)."""
+        with self._generation.get_lock():
+            self._move(ticket, {QUEUED: DROPPED, ABANDONED: FREE})
+
+    def abandon(self, ticket: Ticket) -> bool:
+        """The handler stops waiting: True when the request never ran (and never will)."""
+        with self._generation.get_lock():
+            return self._move(ticket, {QUEUED: ABANDONED, DROPPED: FREE}) in (QUEUED, DROPPED)
+
+    def release(self, ticket: Ticket) -> None:
+        with self._generation.get_lock():
+            self._move(ticket, {QUEUED: FREE, ABANDONED: FREE, DROPPED: FREE})
 
     def waiting(self) -> tuple[int, float]:
-        """The requests waiting, and their summed cost in megapixels."""
+        """The requests waiting to run, and their summed cost in megapixels."""
         with self._generation.get_lock():
-            held = [slot for slot, g in enumerate(self._generation.get_obj()) if g % 2]
+            held = [slot for slot in range(self.capacity) if self._state[slot] == QUEUED]
             return len(held), sum(self._cost[slot] for slot in held)
 
 
@@ -79,11 +140,42 @@ class Abandoned(Exception):
         self.reason = reason
 
 
-def retry_after(workers: Iterable[dict], path: str, queued_megapixels: float) -> int:
+def client_key(peer: Optional[str], forwarded: Optional[str],
+               trusted: Iterable[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> int:
+    """A client's identity for fair shares, as a nonzero 63-bit number: the address a trusted
+    proxy (nginx, an ingress; `trusted`: their networks) names in X-Real-IP, else the
+    connection's own address."""
+    who = forwarded.strip() if forwarded and _within(peer, trusted) else (peer or "unknown")
+    return int.from_bytes(hashlib.blake2b(who.encode(), digest_size=8).digest(), "big") >> 1 or 1
+
+
+def trusted_networks(spec: str) -> tuple:
+    """'127.0.0.1,10.0.0.0/8' -> the networks whose X-Real-IP is believed; ValueError naming a
+    bad entry."""
+    try:
+        return tuple(ipaddress.ip_network(part.strip(), strict=False)
+                     for part in spec.split(",") if part.strip())
+    except ValueError as err:
+        raise ValueError(f"--trusted-proxies: {err}; expected addresses or networks such as "
+                         "'127.0.0.1,10.0.0.0/8'") from None
+
+
+def _within(peer: Optional[str], trusted: Iterable) -> bool:
+    try:
+        address = ipaddress.ip_address(peer or "")
+    except ValueError:
+        return False
+    return any(address in network for network in trusted)
+
+
+def retry_after(workers: Iterable[dict], path: str, queued_megapixels: float,
+                timeout: float = math.inf) -> int:
     """Seconds until `path`'s workers have worked through what is queued, at the speed they
-    measured (the slowest of them), shared among them; at least 1."""
+    measured (the slowest of them), shared among them; at least 1, and at most `timeout`
+    (--timeout): every queued request has run or been given up on by then."""
     rates = [w["seconds_per_megapixel"] for w in workers
              if w.get("endpoint") == path and "seconds_per_megapixel" in w]
     if not rates:
         return 1
-    return max(1, math.ceil(max(rates) * queued_megapixels / len(rates)))
+    drain = math.ceil(max(rates) * queued_megapixels / len(rates))
+    return max(1, drain if math.isinf(timeout) else min(drain, math.ceil(timeout)))

@@ -10,6 +10,7 @@ inference worker, and its answer is awaited until its deadline (504) or its clie
 """
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import re
@@ -24,14 +25,15 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from . import metrics
 from .metrics import CONTENT_TYPE_LATEST
-from .budget import cost_megapixels, endpoint_budget
+from .budget import UNLIMITED, Budget, client_share, cost_megapixels, endpoint_budget
 from .logs import LOGGER
 from .payloads import Job, check_deliverable, decode_body, encode_result
-from .queueing import Abandoned, QueueSlots, retry_after
+from .queueing import Abandoned, OverShare, QueueSlots, client_key, retry_after
 from .protocol import (JSON, MAX_SEED, NPY, PNG, Operation, RequestError, check_content_type,
                        negotiate, parse_options)
 from .spec import Limits, ModelSpec
@@ -44,6 +46,7 @@ _OBJECT_REPR = re.compile(r"<([\w.]+)[^<>]* at 0x[0-9a-fA-F]+>")
 class Handler(Protocol):
     """How a route reaches its endpoint's workers (server/app.py's QueuedRequestHandler)."""
     slots: QueueSlots
+    in_flight: QueueSlots
     timeout: float
 
     async def answer(self, job: Job, gone: Callable[[], Any]) -> Any: ...
@@ -57,6 +60,8 @@ class Context:
     limits: Limits
     api_key: Optional[str]
     workers: Callable[[], list[dict]] = list
+    trusted_proxies: tuple = ()  # networks of proxies whose X-Real-IP names the client
+    body_timeout: float = float("inf")  # seconds a request body may take to arrive
 
 
 class ErrorBody(BaseModel):
@@ -123,8 +128,11 @@ def authorize(request: Request, api_key: Optional[str]) -> None:
         raise RequestError(401, "wrong API key")
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it (or its declared length) passes `limit`."""
+async def read_body(request: Request, limit: int, path: str = "",
+                    seconds: float = float("inf")) -> bytes:
+    """The body, refused with 413 as soon as it (or its declared length) passes `limit`, and
+    with 408 when it has not all arrived within `seconds`; a client that leaves mid-upload is
+    a 499 with its own counter, not a server error."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.strip().isdigit():
@@ -133,11 +141,24 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise RequestError(413, f"body is {int(declared)} bytes; the limit is {limit} "
                                     "(--max-body-mb)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise RequestError(413, f"body exceeds the limit of {limit} bytes (--max-body-mb)")
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(None if seconds == float("inf") else seconds):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise RequestError(413, f"body exceeds the limit of {limit} bytes "
+                                            "(--max-body-mb)")
+                chunks.append(chunk)
+    except TimeoutError:
+        metrics.reject(path, "slow_upload")
+        raise RequestError(408, f"{path}: the body did not arrive within {seconds:g} s "
+                                f"({size} bytes received; --body-timeout)") from None
+    except ClientDisconnect:
+        metrics.reject(path, "disconnected_upload")
+        logger.info("499 %s: the client closed the connection during the upload (%d bytes "
+                    "received)", path, size)
+        raise RequestError(499, f"{path}: the client closed the connection during the "
+                                "upload") from None
     return b"".join(chunks)
 
 
@@ -146,26 +167,43 @@ async def serve(request: Request, op: Operation, handler: Handler, ctx: Context)
     options = parse_options(op, request.query_params)
     kind = check_content_type(op, request.headers.get("content-type"))
     answer = negotiate(op, request.headers.get("accept"))
-    body = await read_body(request, ctx.limits.max_body_bytes)
+    body = await read_body(request, ctx.limits.max_body_bytes, op.path, ctx.body_timeout)
     budget = endpoint_budget(await run_in_threadpool(ctx.workers), op.path)
     payload = await run_in_threadpool(decode_body, body, kind, op, ctx.spec, ctx.limits, options,
                                       budget)
     check_deliverable(answer, len(payload.array))
     job = Job(payload.array, options.mode, options.seed, options.scaled, payload.tiler)
-    result = await dispatch(request, op, handler, ctx, job)
+    result = await dispatch(request, op, handler, ctx, job, budget)
     content = await run_in_threadpool(encode_result, result, payload.layout, op, answer,
                                       options.bits)
     return Response(content, media_type=answer)
 
 
 async def dispatch(request: Request, op: Operation, handler: Handler, ctx: Context,
-                   job: Job) -> Any:
-    """Queue `job` and return its result: 429 when the queue is full, 504 at the deadline, 499
+                   job: Job, budget: Budget = UNLIMITED) -> Any:
+    """Queue `job` and return its result: 429 when the queue is full or the client's share of
+    it (one request budget of queued or running cost) is taken, 504 at the deadline, 499
     (nobody reads it) when the client left. Counts every rejection (server/metrics.py)."""
     path = op.path
     factor = 1 if op.takes == "map" else ctx.spec.downsample_factor
-    cost = cost_megapixels(len(job.x), job.x.shape[-2:], factor, job.tiler)
-    ticket = handler.slots.take(cost)
+    cost = cost_megapixels(len(job.x), job.x.shape[-2:], factor, job.tiler, budget)
+    client = client_key(request.client.host if request.client else None,
+                        request.headers.get("x-real-ip"), ctx.trusted_proxies)
+    try:
+        limit = client_share(await run_in_threadpool(ctx.workers), path, handler.timeout)
+        share = handler.in_flight.take(cost, client, limit)
+    except OverShare as err:
+        raise await _over_share(path, ctx, err.held, limit, handler.timeout) from None
+    try:
+        return await _queued(request, path, handler, ctx, replace(job, client=client), cost)
+    finally:
+        if share is not None:
+            handler.in_flight.release(share)
+
+
+async def _queued(request: Request, path: str, handler: Handler, ctx: Context, job: Job,
+                  cost: float) -> Any:
+    ticket = handler.slots.take(cost, size=job.x.nbytes)
     if ticket is None:
         raise await _queue_full(path, handler, ctx)
     try:
@@ -178,18 +216,31 @@ async def dispatch(request: Request, op: Operation, handler: Handler, ctx: Conte
             metrics.reject(path, "deadline_unreachable")
         if err.status_code == 503:
             metrics.reject(path, "no_memory")
-            seconds = retry_after(await run_in_threadpool(ctx.workers), path, cost)
+            seconds = retry_after(await run_in_threadpool(ctx.workers), path, cost,
+                                  handler.timeout)
             raise RequestError(503, str(err.detail), headers={"Retry-After": str(seconds)})
         raise
     finally:
-        never_run = handler.slots.claim(ticket)  # False: a worker took it (or already answered)
+        never_run = handler.slots.abandon(ticket)  # False: a worker ran it
     raise _abandoned(path, abandoned, never_run, handler.timeout)
+
+
+async def _over_share(path: str, ctx: Context, held: float, budget: float,
+                      timeout: float) -> RequestError:
+    metrics.reject(path, "client_share")
+    seconds = retry_after(await run_in_threadpool(ctx.workers), path, held, timeout)
+    return RequestError(429, f"{path}: this client already has {held:.4g} megapixels in "
+                             f"progress; one client may have up to {budget:.4g} (what the "
+                             f"endpoint computes in --timeout) so that others are served too; "
+                             f"retry in about {seconds} s",
+                        headers={"Retry-After": str(seconds)})
 
 
 async def _queue_full(path: str, handler: Handler, ctx: Context) -> RequestError:
     metrics.reject(path, "queue_full")
     waiting, queued = handler.slots.waiting()
-    seconds = retry_after(await run_in_threadpool(ctx.workers), path, queued)
+    seconds = retry_after(await run_in_threadpool(ctx.workers), path, queued,
+                          handler.timeout)
     return RequestError(429, f"{path}: the queue is full ({waiting} requests wait, --max-queue "
                              f"{handler.slots.capacity}); retry in about {seconds} s",
                         headers={"Retry-After": str(seconds)})
@@ -340,9 +391,13 @@ def _responses(op: Operation) -> dict:
                    "?resize=)",
               415: "unsupported Content-Type",
               422: "wrong dtype, shape, size, NaN/Inf, values or query option",
-              429: "the endpoint's queue is full (--max-queue); nothing was queued: retry after "
-                   "Retry-After seconds",
-              503: "the endpoint's worker is still warming up (Retry-After)",
+              429: "the endpoint's queue is full (--max-queue, --max-queue-mb), or this client "
+                   "already has a request budget's worth in progress; nothing was queued: retry "
+                   "after Retry-After seconds",
+              500: "the inference worker running the request died (it restarts)",
+              503: "the endpoint's worker is still warming up or restarting, or the request's "
+                   "working memory does not fit in what is free now; never started "
+                   "(Retry-After)",
               504: "no answer within the deadline (--timeout from queueing): the request was "
                    "dropped unrun, not started because its batch would end too late, or its "
                    "batch was still running (its result is discarded)"}

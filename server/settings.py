@@ -28,6 +28,9 @@ class Settings:
     batch_timeout: float = 0.01
     timeout: float = 30.0
     max_queue: Optional[int] = None  # None: server/queueing.py's default_queue
+    max_queue_mb: float = 256.0  # payload bytes an endpoint's queue may hold
+    header_timeout: float = 10.0  # seconds a new connection has to send its request head
+    body_timeout: float = 60.0  # seconds a request body may take to arrive
     max_body_mb: float = 64.0
     max_pixels: int = 512 * 512
     max_tiled_pixels: int = 4096 * 4096  # model/io.py's PNG decoding bound
@@ -42,6 +45,7 @@ class Settings:
     path: str = "auto"  # torch backend: auto (measured, runtime/autotune.py), default, or a name
     autotune_budget: float = 60.0  # seconds --path auto may spend measuring (then: recorded)
     allow_inaccurate_path: bool = False  # serve a pinned path that fails the accuracy gate
+    trusted_proxies: str = ""  # comma-separated peers whose X-Real-IP names the client
     shutdown_timeout: float = 10.0
     # per HTTP process: open connections and requests in progress (uvicorn's limit_concurrency:
     # past it, 503); the bound on upload memory is about max_connections x max_body_mb
@@ -126,7 +130,7 @@ def _parser() -> argparse.ArgumentParser:
     add("--backend", choices=["onnx", "torch"],
         help="default: onnx for an export directory, torch for a checkpoint")
     add("--device", choices=["auto", "cuda", "cpu"], help=f"cuda if present {_default('device')}")
-    add("--host", choices=["0.0.0.0", "127.0.0.1", "::"], help=_default("host"))
+    add("--host", choices=["0.0.0.0", "127.0.0.1", "::", "localhost"], help=_default("host"))
     add("--port", type=_port, help=_default("port"))
     add("--workers-per-device", type=_positive_int,
         help=f"inference processes per device and endpoint {_default('workers_per_device')}")
@@ -182,6 +186,13 @@ def _parser() -> argparse.ArgumentParser:
     add("--allow-inaccurate-path", action="store_const", const=True,
         help="serve a pinned --path / --precision that fails the 50 dB accuracy gate (GET /info "
              "shows it)")
+    add("--max-queue-mb", type=_positive_float, metavar="MB",
+        help="payload megabytes one endpoint's queue may hold (past it, 429) "
+             f"{_default('max_queue_mb')}")
+    add("--trusted-proxies", metavar="ADDR[,NET]",
+        help="addresses or networks (10.0.0.0/8) of load balancers whose X-Real-IP header "
+             "names the client, for fair shares per client (default: none: each connection's "
+             "own address; behind a proxy, set it, or every client shares one share)")
     add("--autotune-budget", type=_non_negative_float, metavar="S",
         help="seconds --path auto may spend measuring candidates at start when nothing is "
              "recorded; the ones not reached are skipped " f"{_default('autotune_budget')}")
@@ -190,6 +201,12 @@ def _parser() -> argparse.ArgumentParser:
     add("--max-connections", type=_positive_int,
         help="connections and requests in progress per HTTP process; past it new ones get 503 "
              f"(upload memory stays under about this x --max-body-mb) {_default('max_connections')}")
+    add("--header-timeout", type=_positive_float, metavar="S",
+        help="seconds a new connection has to send a whole request head; then it is closed "
+             "(idle connections count against --max-connections only once they send) "
+             f"{_default('header_timeout')}")
+    add("--body-timeout", type=_positive_float, metavar="S",
+        help=f"seconds a request body may take to arrive; then 408 {_default('body_timeout')}")
     add("--keep-alive-timeout", type=_positive_float,
         help=f"seconds an idle keep-alive connection is kept {_default('keep_alive_timeout')}")
     add("--max-worker-restarts", type=_non_negative_int, metavar="N",

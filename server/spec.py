@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from model.checkpoint import (CheckpointError, latent_scaling, model_config_of, read_checkpoint,
-                              resolve_checkpoint)
+from model.autoencoder import check_network_size
+from model.checkpoint import (CheckpointError, check_finite, latent_scaling, model_config_of,
+                              network_state_dict, read_checkpoint, resolve_checkpoint)
 from model.config import ModelConfig, to_dict
 from model.manifest import MANIFEST_NAME, read_manifest
 from runtime.tiling import Tiler
@@ -111,6 +112,8 @@ def _from_checkpoint(path: Path, config: Optional[str]) -> ModelSpec:
         ckpt_path = resolve_checkpoint(path)
         ckpt = read_checkpoint(ckpt_path)
         cfg: ModelConfig = model_config_of(ckpt, ckpt_path, config)
+        check_network_size(cfg)  # before any worker allocates it
+        check_finite(network_state_dict(ckpt), ckpt_path)
     except CheckpointError as err:
         raise ModelSourceError(str(err)) from None
     scaling = latent_scaling(ckpt, cfg.scale_factor)  # both use the default (EMA) weights

@@ -1,4 +1,8 @@
-"""Watching the inference workers from the main process, in place of litserve's monitor.
+"""Watching every process of the server from the main process, in place of litserve's monitor.
+
+An HTTP (uvicorn) process or the queue (manager) process that dies stops the server with exit
+code 1 at once: the main process would otherwise keep the listening socket, accept connections
+and answer none. Docker's restart policy or Kubernetes then starts it afresh.
 
 A worker that dies after it was ready (the kernel's OOM killer, a segfault in a native
 library, kill -9) is restarted, and every request of the batch it was running is answered
@@ -32,24 +36,33 @@ RESTART_WINDOW = 600.0  # seconds: --max-worker-restarts counts the restarts in 
 
 
 class WorkerSupervisor:
-    def __init__(self, server: "RadioDiffServer", max_restarts: int):
+    def __init__(self, server: "RadioDiffServer", max_restarts: int, http_processes: list):
         self.server, self.max_restarts = server, max_restarts
+        self.http_processes = http_processes
         self.restarts: deque[float] = deque()  # when each restart happened
 
     def watch(self) -> None:
-        """Poll the workers until the server stops; runs in a thread of the main process."""
+        """Poll the processes until the server stops; runs in a thread of the main process."""
         server = self.server
         try:
             while not server.stopping():
+                self._check_http()
                 for index, process in enumerate(server.inference_workers):
                     if not process.is_alive() and not server.stopping():
                         self._died(index, process)
                 time.sleep(server.monitor_internal)
-        except (OSError, EOFError) as err:  # the manager went away: the server is stopping
-            logger.debug("worker supervisor: %s", err)
+        except (OSError, EOFError) as err:  # the manager (queue process) is gone
+            if not server.stopping_locally():
+                server.fail(f"the queue process died ({type(err).__name__}: {err})")
         except Exception:  # noqa: BLE001 - a monitor that dies silently would hide every crash
             logger.exception("worker supervisor failed; stopping the server")
             server.fail("the worker supervisor failed")
+
+    def _check_http(self) -> None:
+        for process in self.http_processes:
+            if not process.is_alive() and not self.server.stopping():
+                self.server.fail(f"HTTP process pid {process.pid} died (exit code "
+                                 f"{process.exitcode}); nothing answers requests without it")
 
     def _died(self, index: int, process) -> None:
         server = self.server

@@ -102,7 +102,8 @@ def test_engines_of_two_processes_with_one_decision_give_identical_bytes(tiny, c
 
 def test_two_server_processes_and_every_endpoint_return_identical_bytes(tmp_path):
     """/encode then /decode equals /reconstruct byte for byte, and a second server process on
-    the same machine and model returns the same bytes: one recorded decision, read by all."""
+    the same machine and model returns the same bytes and has the same budgets: one recorded
+    decision and one recorded speed, read by all."""
     save_tiny_checkpoint(tmp_path)
     env = {dc.CACHE_ENV: str(tmp_path / "cache"), "RADIODIFF_TEST_KEY": KEY}
     args = ["--api-key-env", "RADIODIFF_TEST_KEY"]
@@ -118,6 +119,11 @@ def test_two_server_processes_and_every_endpoint_return_identical_bytes(tmp_path
     (z, dec, rec, info), (z2, dec2, rec2, info2) = answers
     assert np.array_equal(dec, rec), "encode then decode differs from reconstruct"
     assert np.array_equal(z, z2) and np.array_equal(rec, rec2), "two processes differ"
+    budgets = [{ep: e["budget_megapixels"] for ep, e in i["budget"]["endpoints"].items()}
+               for i in (info, info2)]
+    assert budgets[0] == budgets[1], "budgets moved"
+    assert all(w["speed_source"] == "measured" for w in info["workers"])
+    assert all(w["speed_source"].startswith("recorded in ") for w in info2["workers"])
     decisions = [w["decision"] for w in info["workers"] + info2["workers"]]
     assert sum(not d["read_from_file"] for d in decisions) == 1, "one worker measured"
     assert len({d["file"] for d in decisions}) == 1

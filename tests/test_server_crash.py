@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,3 +95,72 @@ def test_past_max_worker_restarts_the_server_stops_saying_why(model):
         assert proc.wait(30) == 1
         text = log.read_text()
         assert "died (exit code -9) after 0 restarts" in text, text[-2000:]
+
+
+def _spawned_children(pid: int) -> list[int]:
+    """The inference workers of server `pid`: its children started by multiprocessing's spawn."""
+    found = []
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmdline = (entry / "cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if ppid == pid and b"multiprocessing.spawn" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+@contextmanager
+def _starting_server(model: Path):
+    """`python -m server` started and not waited for: (process, log path)."""
+    from tests.test_server import AUTOTUNE_CACHE, REPO, _free_port
+    log = model / "server.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "RADIODIFF_CACHE_DIR": str(AUTOTUNE_CACHE)}
+    cmd = [sys.executable, "-m", "server", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(_free_port()), "--threads", "1", "--path", "default"]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        yield proc, log
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(10)
+
+
+def _workers_of(proc: subprocess.Popen, count: int = 3) -> list[int]:
+    deadline = time.monotonic() + 60
+    while len(workers := _spawned_children(proc.pid)) < count:
+        assert time.monotonic() < deadline and proc.poll() is None, "no workers were started"
+        time.sleep(0.02)
+    return workers
+
+
+def test_every_worker_killed_during_start_up_exits_1_saying_so(model):
+    """Before: the server never opened its port, never exited and ignored SIGTERM."""
+    with _starting_server(model) as (proc, log):
+        for pid in _workers_of(proc):
+            os.kill(pid, signal.SIGKILL)
+        assert proc.wait(10) == 1
+        assert "every inference worker died during start-up" in log.read_text()
+
+
+def test_sigterm_during_start_up_stops_the_server(model):
+    with _starting_server(model) as (proc, log):
+        _workers_of(proc)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0, log.read_text()[-2000:]
+
+
+@pytest.mark.parametrize("victim", ["http", "queue"])
+def test_a_dead_http_or_queue_process_stops_the_server_with_exit_1(model, victim):
+    """Before: with its HTTP process dead the main process kept the socket, accepted
+    connections and answered none, and SIGTERM then exited 0."""
+    with running_server(model, [], {}) as (url, port, proc, log):
+        pid = requests.get(url + "/info", timeout=10).json()["processes"][victim]
+        os.kill(pid, signal.SIGKILL)
+        assert proc.wait(10) == 1, log.read_text()[-2000:]
+        expected = "HTTP process" if victim == "http" else "the queue process died"
+        assert expected in log.read_text()

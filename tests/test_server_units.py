@@ -25,7 +25,7 @@ from server.apis import DecodeAPI, EncodeAPI, ReconstructAPI
 from server.budget import BudgetPolicy
 from server.payloads import Job, decode_body
 from server.protocol import OPERATIONS, Options, RequestError, negotiate, parse_options
-from server.queueing import QueueSlots, retry_after
+from server.queueing import OverShare, QueueSlots, retry_after
 from server.routes import error_response
 from server.settings import Settings, parse_settings
 from server.spec import ModelSourceError, describe_model, limits_of
@@ -209,12 +209,39 @@ def test_queue_slots_bound_the_queue_and_hand_each_ticket_back_once():
     slots = QueueSlots(2)
     first, second = slots.take(0.5), slots.take(0.25)
     assert slots.take(1.0) is None and slots.waiting() == (2, 0.75)
-    assert slots.claim(first) and not slots.claim(first)  # the worker or the handler, not both
+    assert slots.claim(first) and not slots.abandon(first)  # a worker ran it: not "never run"
+    assert not slots.claim(first)
     third = slots.take(1.0)
     assert third is not None and third.slot == first.slot and not slots.claim(first)
     assert slots.waiting() == (2, 1.25)
     assert parse_settings(["--model", "m", "--max-batch-size", "4"], {}).queue_capacity == 8
     assert parse_settings(["--model", "m", "--max-queue", "3"], {}).queue_capacity == 3
+
+
+def test_an_abandoned_request_holds_its_slot_until_a_worker_drops_its_payload():
+    """The queue process holds an abandoned payload until a worker meets it: until then its
+    slot is not free, so abandoned requests never pile up in the queue beyond its capacity."""
+    slots = QueueSlots(1)
+    gone = slots.take(0.5)
+    assert slots.abandon(gone) and slots.waiting() == (0, 0.0)
+    assert slots.take(0.1) is None  # still physically queued
+    assert not slots.claim(gone)  # the worker drops it, freeing the slot
+    late = slots.take(0.5)
+    slots.drop(late)  # its deadline passed in the queue: dropped by the worker
+    assert slots.take(0.1) is None and slots.abandon(late)  # never run; the handler frees it
+    assert slots.take(0.1) is not None
+
+
+def test_queue_slots_bound_the_queued_bytes_and_each_clients_share():
+    slots = QueueSlots(8, max_bytes=100)
+    a = slots.take(0.5, client=1, share=1.0, size=60)
+    assert slots.take(0.1, client=2, size=50) is None  # 110 bytes: over
+    with pytest.raises(OverShare):
+        slots.take(0.6, client=1, share=1.0, size=1)
+    assert slots.take(0.4, client=1, share=1.0, size=1) is not None  # within its share
+    assert slots.take(5.0, client=2, share=1.0, size=1) is not None  # nothing queued: admitted
+    slots.release(a)
+    assert slots.take(0.6, client=1, share=1.0, size=1) is not None
 
 
 def test_retry_after_is_the_queued_work_at_the_slowest_measured_speed():
@@ -223,3 +250,92 @@ def test_retry_after_is_the_queued_work_at_the_slowest_measured_speed():
                {"endpoint": "/encode", "seconds_per_megapixel": 99.0}]
     assert retry_after(workers, "/decode", 0.25) == 3  # 20 s/MP x 0.25 MP over 2 workers
     assert retry_after(workers, "/decode", 0.0) == 1 and retry_after([], "/decode", 5.0) == 1
+    # before: Retry-After 121 with --timeout 8; the queue turns over within the timeout
+    assert retry_after(workers, "/decode", 12.0, timeout=8.0) == 8
+
+
+class _Transport:
+    """Records what the batch loop sends (the worker's answers go through litserve's transport
+    in a server; here only what was sent matters)."""
+
+    def __init__(self):
+        self.sent = []
+
+    def send(self, item, consumer_id):
+        self.sent.append(item)
+
+
+class _Endpoint:
+    """The members of a RadioAPI the batch loop reads, at given speeds and deadlines."""
+    api_path, max_batch_size, batch_timeout, request_timeout = "/reconstruct", 4, 0.0, 6.0
+    budget_megapixels, seconds_per_megapixel = 0.3, 10.0  # a whole budget takes 3 s
+
+    def __init__(self):
+        self.slots = QueueSlots(8)
+
+    def job_cost(self, job):
+        return float(job.x.sum())  # the tests say each job's cost in its one value
+
+    def memory_room(self):
+        return float("inf")
+
+    def fits_in_memory(self, megapixels, room):
+        return True
+
+    def publish_running(self, requests):
+        pass
+
+
+def _queued(endpoint: "_Endpoint", uid: str, cost: float, age: float, client: int) -> tuple:
+    """A request as litserve queues it, `age` seconds old, costing `cost` (its one value)."""
+    ticket = endpoint.slots.take(cost)
+    job = Job(np.full((1, 1, 1, 1), cost, np.float32), ticket=ticket, client=client)
+    return (0, uid, time.monotonic() - age, job)
+
+
+def _batches(endpoint: "_Endpoint", items: list[tuple], count: int) -> tuple[list, list]:
+    """The uids of the first `count` batches a worker forms from `items`, and what it sent."""
+    from queue import Queue
+
+    from server.apis import BlockingBatchedLoop
+    queue, transport, loop = Queue(), _Transport(), BlockingBatchedLoop()
+    for item in items:
+        queue.put(item)
+    batches = [[uid for _, uid, _ in loop.get_batch_requests(endpoint, queue, transport)[0]]
+               for _ in range(count)]
+    return batches, transport.sent
+
+
+def test_a_cheap_request_is_not_refused_for_an_expensive_batch_mate():
+    """Before: a cheap request batched with an expensive one got 504 with its deadline mostly
+    unspent (the batch as a whole would end too late). Now the expensive one waits for the
+    next batch."""
+    endpoint = _Endpoint()
+    items = [_queued(endpoint, "cheap", 0.001, 3.5, client=1),  # 2.5 s of its deadline left
+             _queued(endpoint, "heavy", 0.3, 1.0, client=2)]  # 3 s of work, 5 s left
+    batches, sent = _batches(endpoint, items, 2)
+    assert batches == [["cheap"], ["heavy"]]
+    assert not [item for item in sent if "504" in repr(item)]
+
+
+def test_batches_alternate_between_clients():
+    """A client with two expensive requests queued before another client's cheap one: the
+    second batch goes to the other client, not to the first client's second request."""
+    endpoint = _Endpoint()
+    items = [_queued(endpoint, "a1", 0.3, 2.0, client=1), _queued(endpoint, "a2", 0.3, 1.5, 1),
+             _queued(endpoint, "b", 0.001, 1.0, client=2)]
+    batches, _ = _batches(endpoint, items, 3)
+    assert batches == [["a1"], ["b"], ["a2"]]
+
+
+def test_served_batches_move_the_deadline_speed_within_bounds_of_the_recorded_one():
+    """A machine busier than when the speed was recorded: the speed behind the 504 check
+    follows what batches take, but never past 1.5x of the recorded one; the budget stays."""
+    api = object.__new__(EncodeAPI)
+    api.worker_info, api.recorded_rate, api.seconds_per_megapixel = None, 10.0, 10.0
+    api.budget_megapixels = 0.5
+    for _ in range(50):
+        api._refresh_speed(seconds=40.0, cost=1.0)  # batches at 4x the recorded time
+    assert api.seconds_per_megapixel == pytest.approx(15.0) and api.budget_megapixels == 0.5
+    api._refresh_speed(seconds=10.0, cost=1.0)
+    assert 10.0 < api.seconds_per_megapixel < 15.0  # back towards what batches show

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import requests
 
 from model.io import encode_npy
 from tests.test_server import NPY, read_response, running_server, save_tiny_checkpoint
@@ -105,3 +106,38 @@ def test_without_a_low_limit_every_held_upload_costs_its_body(tmp_path):
     grown_mib, admitted, answers = _hold_uploads(tmp_path, 4 * CLIENTS)
     assert admitted == CLIENTS and answers.count(b"422") == CLIENTS, str(answers)
     assert grown_mib > 0.75 * CLIENTS * BODY_MIB, f"grew by {grown_mib:.0f} MiB only"
+
+
+def test_a_client_that_leaves_mid_upload_is_a_499_line_and_counter_not_a_bug(tmp_path):
+    """Before: logged as "bug: ... raised" with a traceback and counted as a server error."""
+    save_tiny_checkpoint(tmp_path)
+    head = (f"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: {NPY}\r\n"
+            f"Content-Length: 100000\r\n\r\n").encode()
+    with running_server(tmp_path, ["--log-level", "info"], {}) as (url, port, proc, log):
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + b"\x93NUMPY" + b"\0" * 1000)
+            time.sleep(0.5)  # the server is reading the body
+        deadline = time.monotonic() + 20
+        counter = 'radiodiff_rejections_total{endpoint="/encode",reason="disconnected_upload"}'
+        while True:
+            metrics = requests.get(url + "/metrics", timeout=10).text
+            if f"{counter} 1.0" in metrics:
+                break
+            assert time.monotonic() < deadline, "the disconnect was never counted"
+            time.sleep(0.2)
+        text = log.read_text()
+    assert "499 /encode: the client closed the connection during the upload" in text
+    assert "bug:" not in text and "Traceback" not in text
+
+
+def test_a_body_slower_than_the_body_timeout_gets_408(tmp_path):
+    save_tiny_checkpoint(tmp_path)
+    head = (f"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: {NPY}\r\n"
+            f"Content-Length: 1000\r\n\r\n").encode()
+    with running_server(tmp_path, ["--body-timeout", "1"], {}) as (url, port, proc, log):
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            sock.sendall(head + b"\x93NUMPY")  # then nothing: a slow (or stuck) upload
+            answer = read_response(sock)
+        counts = requests.get(url + "/metrics", timeout=10).text
+    assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer, answer[:300]
+    assert 'reason="slow_upload"} 1.0' in counts

@@ -6,8 +6,10 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from model.checkpoint import (EMA_PREFIX, LATENT_STATS_KEY, CheckpointError, read_checkpoint,
-                              resolve_checkpoint, save_checkpoint)
+from model.autoencoder import check_network_size
+from model.checkpoint import (EMA_PREFIX, LATENT_STATS_KEY, CheckpointError, check_finite,
+                              model_config_of, read_checkpoint, resolve_checkpoint,
+                              save_checkpoint)
 from model.manifest import sha256_file
 
 KEPT = ("step", "config", LATENT_STATS_KEY)
@@ -23,6 +25,8 @@ def pack(ckpt: str | Path, out: str | Path) -> Path:
     if not weights or not isinstance(state.get("config"), dict):
         raise CheckpointError(f"{path}: expected a trainer checkpoint with EMA weights and a "
                               "config (written by python -m train)")
+    check_network_size(model_config_of(state, path, None))  # what a server would allocate
+    check_finite(weights, path)
     payload = {"ema": weights, **{k: state[k] for k in KEPT if k in state},
                "packed_from": {"file": path.name, "sha256": sha256_file(path)}}
     return save_checkpoint(out, payload)
