@@ -2,7 +2,7 @@
 PY ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-gpu test test-diffusers test-reliability quickstart
+.PHONY: install install-gpu test test-diffusers test-reliability test-docker quickstart
 
 # torch first, so the project's own `torch>=2.13,<2.14` is already met: the CPU build from the
 # PyTorch CPU index where it is reachable (scripts/install.sh says what happens where not)
@@ -13,7 +13,7 @@ install-gpu:
 	PY=$(PY) TORCH=$(TORCH) EXTRAS=gpu,dev bash scripts/install.sh --gpu
 
 test:
-	$(PY) -m pytest -q -m "not reliability" --durations=10  # the slowest tests, for CI time
+	$(PY) -m pytest -q -m "not reliability and not docker" --durations=10  # the slowest tests, for CI time
 
 # diffusers parity in its own venv without torchvision (scripts/test-diffusers.sh says why)
 test-diffusers:
@@ -22,6 +22,12 @@ test-diffusers:
 # nginx + two real server replicas on loopback: load, faults, fuzz (~4 min on 2 cores; needs nginx)
 test-reliability:
 	$(PY) -m pytest -q -m reliability tests/reliability
+
+# the CPU and nginx images built and run with a real Docker engine: image, curl examples,
+# replicas behind nginx killed/stopped/crashed, memory limit (installs docker.io when root and
+# missing, else skips; DOCKER_GPU=1 also builds the GPU image; --ci: CI's part)
+test-docker:
+	PY=$(PY) bash scripts/test-docker.sh $(DOCKER_TEST_ARGS)
 
 quickstart:
 	$(PY) -m train --cfg quickstart.yaml

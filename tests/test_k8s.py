@@ -21,7 +21,7 @@ from server import metrics
 from server.app import WORKER_STOP_TIMEOUT, RadioDiffServer
 from server.protocol import OPERATIONS
 from server.settings import Settings
-from tests.test_docker import DOCKERFILE, _env_settings
+from tests.test_docker import DOCKERFILE, _env_settings, image_env
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "deploy" / "k8s"
@@ -60,10 +60,16 @@ def env(deployment: dict) -> dict[str, str]:
     return {e["name"]: e["value"] for e in container(deployment)["env"]}
 
 
+def variant(deployment: dict) -> str:
+    """The image variant the Deployment runs: the tag scripts/docker-build.sh gives it."""
+    image = container(deployment)["image"]
+    assert image in ("radiodiff-vae:cpu", "radiodiff-vae:gpu"), image
+    return image.rsplit(":", 1)[1]
+
+
 def settings(deployment: dict) -> Settings:
     """The server's settings as the pod's RADIODIFF_* variables (over the image's) give them."""
-    image = dict(re.findall(r"(RADIODIFF_\w+)=(\S+)", DOCKERFILE))
-    return _env_settings({**image, **env(deployment)})
+    return _env_settings({**image_env(variant(deployment)), **env(deployment)})
 
 
 def get_routes() -> set[str]:
@@ -160,10 +166,12 @@ def test_runs_as_the_images_non_root_user_on_a_read_only_root(path):
     box = container(dep)["securityContext"]
     assert box["readOnlyRootFilesystem"] is True and box["allowPrivilegeEscalation"] is False
     assert box["capabilities"]["drop"] == ["ALL"]
-    # what the server writes (metrics files, multiprocessing sockets) goes to /tmp
+    # what the server writes (metrics files, multiprocessing sockets) goes to /tmp, the
+    # decision to the image's RADIODIFF_CACHE_DIR: both writable, kept across restarts
     mounts = {m["mountPath"]: m["name"] for m in container(dep)["volumeMounts"]}
     volumes = {v["name"]: v for v in pod_spec(dep)["volumes"]}
-    assert "emptyDir" in volumes[mounts["/tmp"]]
+    cache = re.search(r"RADIODIFF_CACHE_DIR=(\S+)", DOCKERFILE).group(1)
+    assert "emptyDir" in volumes[mounts["/tmp"]] and "emptyDir" in volumes[mounts[cache]]
 
 
 def test_service_pdb_and_hpa_select_the_deployment():
@@ -198,10 +206,11 @@ def test_gpu_variant_differs_only_where_a_gpu_needs_it():
     cpu, gpu = load(CPU), load(GPU)
     assert env(gpu) == {**env(cpu), "RADIODIFF_DEVICE": "cuda"}
     assert settings(gpu).device == "cuda" and settings(cpu).device == "cpu"
+    assert (variant(cpu), variant(gpu)) == ("cpu", "gpu")
     assert container(gpu)["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert "nvidia.com/gpu" not in str(container(cpu)["resources"])
     allowed = ("spec.strategy", f"{POD}.tolerations", f"{POD}.containers.0.resources",
-               f"{POD}.containers.0.env")
+               f"{POD}.containers.0.env", f"{POD}.containers.0.image")
     a, b = flat(cpu), flat(gpu)
     differ = {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)}
     assert differ and all(k.startswith(allowed) for k in differ), sorted(differ)

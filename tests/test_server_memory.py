@@ -137,3 +137,69 @@ def test_a_cgroup_limit_bounds_available_and_capacity(cgroup):
     free, total = (int(v) for v in out.strip("[]\n").split(","))
     assert total == 2 << 30
     assert 0 < free < 2 << 30
+
+
+def test_an_ancestors_limit_bounds_a_process_in_a_child_cgroup(cgroup):
+    """Limits nest: a process in a child cgroup with no limit of its own (a systemd scope in a
+    limited slice, a container in a limited pod) is bound by its parent's."""
+    cgroup.set_limit(2 << 30)
+    child = cgroup.path / "leaf"
+    if cgroup.limit_file == "memory.max":  # v2: the parent hands its memory controller down
+        (cgroup.path / "cgroup.subtree_control").write_text("+memory")
+    child.mkdir()
+    try:
+        prefix = ("sh", "-c", f'echo $$ > {child}/cgroup.procs && exec "$@"', "sh")
+        code = ("from server import memory; import json; "
+                "print(json.dumps([memory.available_bytes(), memory.capacity_bytes()]))")
+        out = subprocess.run([*prefix, sys.executable, "-c", code], capture_output=True,
+                             text=True, check=True, cwd=REPO).stdout
+    finally:
+        child.rmdir()
+    free, total = json.loads(out)
+    assert total == 2 << 30
+    assert 0 < free < 2 << 30
+
+
+def _fake_cgroup(root: Path, version: str, levels: dict[str, tuple[str, int, int]]) -> None:
+    """A /proc and cgroup fs under `root`: this process in cgroup /a/b; `levels` maps a cgroup
+    path to (limit as the kernel writes it, usage, inactive file cache) bytes."""
+    proc, fs = root / "proc", root / "cgroup"
+    (proc / "self").mkdir(parents=True, exist_ok=True)
+    (proc / "meminfo").write_text("MemTotal:       16777216 kB\nMemAvailable:    8388608 kB\n")
+    if version == "v2":
+        (proc / "self" / "cgroup").write_text("0::/a/b\n")
+        names, base = ("memory.max", "memory.current", "inactive_file"), fs
+    else:
+        (proc / "self" / "cgroup").write_text("5:memory:/a/b\n0::/\n")
+        names = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        base = fs / "memory"
+    for path, (limit, usage, cache) in levels.items():
+        level = base / path
+        level.mkdir(parents=True, exist_ok=True)
+        (level / names[0]).write_text(f"{limit}\n")
+        (level / names[1]).write_text(f"{usage}\n")
+        (level / "memory.stat").write_text(f"anon 1\n{names[2]} {cache}\n")
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_tightest_limit_over_a_cgroup_and_its_ancestors_wins(tmp_path, monkeypatch, version):
+    """The parsing of both cgroup versions' files, on a fake tree (this machine runs one
+    version; the test above exercises it for real)."""
+    mib, unlimited = 1 << 20, ("max" if version == "v2" else str(2**63 - 4096))
+    monkeypatch.setattr(memory, "PROC", tmp_path / "proc")
+    monkeypatch.setattr(memory, "CGROUP", tmp_path / "cgroup")
+    # the process's own cgroup sets no limit; its parent 1 GiB, 600 MiB used, 100 MiB of cache
+    _fake_cgroup(tmp_path, version, {"": (unlimited, 4000 * mib, 0),
+                                     "a": ("1073741824", 600 * mib, 100 * mib),
+                                     "a/b": (unlimited, 300 * mib, 0)})
+    assert memory.capacity_bytes() == 1024 * mib
+    assert memory.available_bytes() == 524 * mib
+    # a tighter limit on the process's own cgroup wins over the parent's
+    _fake_cgroup(tmp_path, version, {"a/b": ("536870912", 300 * mib, 50 * mib)})
+    assert memory.capacity_bytes() == 512 * mib
+    assert memory.available_bytes() == 262 * mib
+    # no limit anywhere: the machine's memory
+    _fake_cgroup(tmp_path, version, {"a": (unlimited, 600 * mib, 0),
+                                     "a/b": (unlimited, 300 * mib, 0)})
+    assert memory.capacity_bytes() == 16 << 30
+    assert memory.available_bytes() == 8 << 30

@@ -28,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[2]
 NGINX_CONF = ROOT / "deploy" / "nginx.conf"
 PAGE = os.sysconf("SC_PAGE_SIZE")
 LOOPBACK = "127.0.0.1"
+UPSTREAM = re.compile(r"^(\s*server )(\S+)( max_fails=)", re.M)  # nginx.conf's replicas
 
 
 def compose_replica_env() -> dict[str, str]:
@@ -194,8 +195,12 @@ class Nginx:
     def render(self) -> str:
         """The shipped config with loopback addresses and scratch paths in this test's folder."""
         text = NGINX_CONF.read_text()
-        for i, replica in enumerate(self.replicas):
-            text = _replace_once(text, f"server replica-{i}:8000 ", f"server {replica.address} ")
+        upstreams = len(UPSTREAM.findall(text))
+        if upstreams != len(self.replicas):
+            raise AssertionError(f"deploy/nginx.conf names {upstreams} upstream servers, the "
+                                 f"suite runs {len(self.replicas)} replicas")
+        addresses = iter(replica.address for replica in self.replicas)
+        text = UPSTREAM.sub(lambda m: m.group(1) + next(addresses) + m.group(3), text)
         text = _replace_once(text, "listen 8080;", f"listen {LOOPBACK}:{self.port};")
         temp = "".join(f"    {kind}_temp_path {self.dir / kind};\n" for kind in self.TEMP_DIRS)
         return _replace_once(text, "http {\n", "http {\n" + temp)
@@ -234,10 +239,17 @@ class Nginx:
         """Access-log entries (the `upstream` log_format) written after byte offset `since`."""
         with open(self.log_path, "rb") as f:
             f.seek(since)
-            lines = f.read().decode(errors="replace").splitlines()
-        pattern = re.compile(r'"(?P<request>[^"]*)" (?P<status>\d+) .*upstream=(?P<upstream>.*) '
-                             r'ustatus=(?P<ustatus>.*) urt=')
-        return [m.groupdict() for line in lines if (m := pattern.search(line))]
+            return parse_access_log(f.read().decode(errors="replace"))
+
+
+ACCESS_LINE = re.compile(r'"(?P<request>[^"]*)" (?P<status>\d+) .*upstream=(?P<upstream>.*) '
+                         r'ustatus=(?P<ustatus>.*) urt=')
+
+
+def parse_access_log(text: str) -> list[dict[str, str]]:
+    """Entries of nginx.conf's `upstream` log_format: request, status, upstream (`A, B` when
+    nginx tried A, then B), ustatus; other lines (nginx's own messages) are skipped."""
+    return [m.groupdict() for line in text.splitlines() if (m := ACCESS_LINE.search(line))]
 
 
 @dataclass
