@@ -24,7 +24,7 @@ except ModuleNotFoundError:
 
 from model.checkpoint import CheckpointError
 from model.config import ConfigError
-from model.manifest import ManifestError
+from model.manifest import ManifestError, ManifestMissing
 
 from .diffusers_format import DiffusersFormatError
 from .onnx_export import DEFAULT_OPSET, EXPORTERS, ExportError
@@ -88,11 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["latents"]:  # `python -m export latents ...`: a data split to latent shards
         from .latents import main as latents_main
         return latents_main(argv[1:])
+    if argv[:1] == ["radiodiff-config"]:  # the first-stage block of RadioDiff's radio_train.yaml
+        from .radiodiff_config import main as radiodiff_config_main
+        return radiodiff_config_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
         _run(args, parser)
-    except (CheckpointError, ConfigError, DiffusersFormatError, yaml.YAMLError) as err:
+    except (CheckpointError, ConfigError, DiffusersFormatError, ManifestMissing,
+            yaml.YAMLError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except (ExportError, ParityError, ManifestError) as err:

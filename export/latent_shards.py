@@ -12,14 +12,13 @@ An LDM training loop reads it with `LatentShards(DIR)`: items are dicts with `la
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import Dataset
 
-from model.manifest import sha256_file, write_json_atomic
+from model.manifest import sha256_file, write_json_atomic, write_safetensors
 
 FORMAT = "radiodiff-latents/1"
 INDEX = "index.json"
@@ -35,10 +34,7 @@ def shard_name(k: int) -> str:
 
 def write_shard(folder: Path, k: int, tensors: dict[str, torch.Tensor], items: range) -> dict:
     """Write shard k (tensors, then its receipt, each atomically); return the receipt."""
-    final = folder / f"{shard_name(k)}.safetensors"
-    tmp = final.with_name(final.name + ".tmp")
-    save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp))
-    os.replace(tmp, final)
+    final = write_safetensors(folder / f"{shard_name(k)}.safetensors", tensors)  # 0644
     receipt = {"shard": k, "first": items.start, "stop": items.stop, "count": len(items),
                "file": final.name, "sha256": sha256_file(final)}
     write_json_atomic(folder / f"{shard_name(k)}.json", receipt)
@@ -64,11 +60,14 @@ class LatentShards(Dataset):
     `sample`: with a stored posterior, draw z = mean + std * eps (seeded per item by `seed`
     and the epoch given to `set_epoch`) instead of returning the mean. `scaled`: apply the
     stored latent statistics (z - latents_mean) / latents_std when the index has them, else
-    multiply by scale_factor, as the LDM sees latents.
+    multiply by scale_factor, as the LDM sees latents. `per_channel=False` always multiplies
+    by scale_factor (1 / the global std when measured): what the server's `scaled=true` and
+    RadioDiff's LDM do, so latents an LDM makes this way decode with /decode?scaled=true.
+    `unscale` inverts the scaling (for decoding with scaled=false).
     """
 
     def __init__(self, folder: str | Path, sample: bool = False, scaled: bool = False,
-                 seed: int = 0, verify: bool = True):
+                 seed: int = 0, verify: bool = True, per_channel: bool = True):
         self.folder = Path(folder)
         index_path = self.folder / INDEX
         if not index_path.exists():
@@ -79,6 +78,7 @@ class LatentShards(Dataset):
             raise LatentShardError(f"{index_path}: format {self.index.get('format')!r}, "
                                    f"expected {FORMAT!r}")
         self.sample, self.scaled, self.seed, self.epoch = sample, scaled, seed, 0
+        self.per_channel = per_channel
         if sample and self.index["store"] != "posterior":
             raise LatentShardError(f"{self.folder}: sample=True needs a stored posterior; this "
                                    f"folder stores {self.index['store']!r}")
@@ -119,12 +119,23 @@ class LatentShards(Dataset):
         return {"latent": self._scale(z), "map_id": int(shard["map_id"][row]),
                 "tx": int(shard["tx"][row]), "item": int(shard["item"][row])}
 
+    def _shift_and_scale(self) -> tuple[torch.Tensor | float, torch.Tensor | float]:
+        """(shift, scale): the scaled latent is (z - shift) * scale, per channel or global."""
+        scaling = self.index["latent_scaling"]
+        if self.per_channel and scaling.get("latents_mean") is not None:
+            mean = torch.tensor(scaling["latents_mean"]).view(-1, 1, 1)
+            return mean, 1.0 / torch.tensor(scaling["latents_std"]).view(-1, 1, 1)
+        return 0.0, float(scaling["scale_factor"])
+
     def _scale(self, z: torch.Tensor) -> torch.Tensor:
         if not self.scaled:
             return z
-        scaling = self.index["latent_scaling"]
-        if scaling.get("latents_mean") is not None:
-            mean = torch.tensor(scaling["latents_mean"]).view(-1, 1, 1)
-            std = torch.tensor(scaling["latents_std"]).view(-1, 1, 1)
-            return (z - mean) / std
-        return z * scaling["scale_factor"]
+        shift, scale = self._shift_and_scale()
+        return (z - shift) * scale
+
+    def unscale(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents as this loader scales them ([..., C, h, w]) back to the VAE's own."""
+        if not self.scaled:
+            return z
+        shift, scale = self._shift_and_scale()
+        return z / scale + shift

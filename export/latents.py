@@ -32,6 +32,7 @@ from model.manifest import sha256_file, write_json_atomic
 from runtime.autotune import options_for, timing_dependent
 from runtime.decision import PathRefused, decide
 from runtime.inference import default_options
+from runtime.progress import Progress, configure_logging
 from train import distributed
 from train.data import DataError
 from train.loading import load_checkpoint_run, non_negative_float, positive_int, whole_maps
@@ -145,14 +146,19 @@ def run(args: argparse.Namespace) -> dict:
         shards = _shards(len(dataset), args.shard_size)
         kept = written = encoded = 0
         start = time.perf_counter()
-        for k in range(env.rank, len(shards), env.world_size):
+        mine = range(env.rank, len(shards), env.world_size)
+        progress = Progress(sum(len(shards[k]) for k in mine), f"latents {args.split} rank "
+                            f"{env.rank}", "maps")
+        for k in mine:
             if finished_receipt(out, k, shards[k]) is not None:
                 kept += 1
-                continue
-            tensors = _encode_shard(engine, dataset, shards[k], args.store, args.seed,
-                                    args.batch_size)
-            write_shard(out, k, tensors, shards[k])
-            written, encoded = written + 1, encoded + len(shards[k])
+            else:
+                tensors = _encode_shard(engine, dataset, shards[k], args.store, args.seed,
+                                        args.batch_size)
+                write_shard(out, k, tensors, shards[k])
+                written, encoded = written + 1, encoded + len(shards[k])
+            progress.update(len(shards[k]))
+        progress.close()
         seconds = time.perf_counter() - start
         distributed.barrier(env)
         report = {"rank": env.rank, "shards_written": written, "shards_kept": kept,
@@ -207,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str]) -> int:
     args = build_parser().parse_args(argv)
+    configure_logging()  # the autotuner's line per candidate path, in the one log format
     try:
         report = run(args)
     except (CheckpointError, ConfigError, DataError, LatentsJobError) as err:

@@ -35,9 +35,19 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read or does not fit the network; the message names the file."""
 
 
+def refuse_bundled(path: str | Path) -> None:
+    """Bundled models (model/weights/*) are read-only to every command: refuse to write one."""
+    path = Path(path).resolve()
+    if path.parent == WEIGHTS_DIR and path.exists():
+        raise CheckpointError(f"{path}: a bundled model file, read-only to every command "
+                              "(exports verify against its SHA-256): write to another file")
+
+
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
-    """Write `payload` with torch.save via a temp file + rename, so a crash leaves no torn file."""
+    """Write `payload` with torch.save via a temp file + rename, so a crash leaves no torn file.
+    A bundled model file is never overwritten (refuse_bundled)."""
     path = Path(path)
+    refuse_bundled(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
@@ -106,8 +116,29 @@ def _load_failure(path: Path, err: Exception) -> str:
     if unsafe:
         return (f"refused: the file references code or classes a weights-only load does not "
                 f"allow (nothing was run): {_summarise(unsafe, 3)}")
+    foreign = _foreign_content(path)
+    if foreign is not None:
+        return (f"not a torch checkpoint: expected a file written by torch.save (a zip "
+                f"archive), found {foreign}")
     return (f"not a readable torch checkpoint (truncated, or not written by torch.save): "
             f"{type(err).__name__} {_torch_detail(err)}").rstrip()
+
+
+def _foreign_content(path: Path) -> str | None:
+    """What a file that is neither a zip archive nor a pickle holds (an empty file, text,
+    other bytes), or None for a zip or a pickle (torch's own error then says what is wrong)."""
+    with open(path, "rb") as f:
+        head = f.read(64)
+    if not head:
+        return "an empty file"
+    if head.startswith(b"PK") or head[0] == 0x80:  # zip (torch.save) or pickle (legacy)
+        return None
+    text = head.decode("utf-8", "replace")
+    text = text[:-4] if len(head) == 64 else text  # the cut may split a character
+    if any(c == "\ufffd" or (c < " " and c not in "\t\n\r") for c in text):
+        return f"other bytes (starting {head[:8].hex(' ')})"
+    first = (text.strip().splitlines() or [""])[0]
+    return f"a text file (starting {first[:40]!r})"
 
 
 def _torch_detail(err: Exception) -> str:
@@ -159,6 +190,16 @@ def _summarise(keys: list[str], limit: int = 5) -> str:
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+def check_finite(state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """CheckpointError when a weight tensor holds NaN or Inf (a diverged run: every output
+    would be NaN)."""
+    broken = [k for k, v in state.items() if isinstance(v, torch.Tensor)
+              and v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if broken:
+        raise CheckpointError(f"{source}: {len(broken)} network weight tensors hold NaN or Inf "
+                              f"(a diverged run?): {_summarise(broken, 3)}")
+
+
 def load_into(model: torch.nn.Module, state: dict[str, Any], source: str | Path) -> None:
     """Load the keys `model` owns (others are dropped, as upstream); name any mismatch."""
     own = model.state_dict()
@@ -175,6 +216,7 @@ def load_into(model: torch.nn.Module, state: dict[str, Any], source: str | Path)
     if wrong:
         raise CheckpointError(f"{source}: shape mismatch, the config does not match the "
                               f"checkpoint: {_summarise(wrong, 3)}")
+    check_finite({k: tensors[k] for k in own}, source)
     model.load_state_dict({k: tensors[k] for k in own}, strict=True)
 
 

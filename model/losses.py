@@ -38,12 +38,26 @@ def vanilla_d_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torc
     return 0.5 * (F.softplus(-logits_real).mean() + F.softplus(logits_fake).mean())
 
 
+def _grad_norm(loss: torch.Tensor, layer: torch.Tensor, scale: torch.Tensor | None
+               ) -> torch.Tensor:
+    """||d loss / d layer||, taken of `loss * scale` and divided by `scale` when given."""
+    scaled = loss if scale is None else loss.float() * scale
+    norm = torch.norm(torch.autograd.grad(scaled, layer, retain_graph=True)[0].float())
+    return norm if scale is None else norm / scale
+
+
 def adaptive_weight(nll_loss: torch.Tensor, g_loss: torch.Tensor, last_layer: torch.Tensor,
-                    disc_weight: float) -> torch.Tensor:
-    """Balance the GAN term against the NLL by their gradient norms at `last_layer`."""
-    nll_grads = torch.autograd.grad(nll_loss, last_layer, retain_graph=True)[0]
-    g_grads = torch.autograd.grad(g_loss, last_layer, retain_graph=True)[0]
-    d_weight = torch.norm(nll_grads) / (torch.norm(g_grads) + 1e-4)
+                    disc_weight: float, grad_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Balance the GAN term against the NLL by their gradient norms at `last_layer`.
+
+    Under float16 autocast pass the GradScaler's scale as `grad_scale`: the gradients are then
+    taken of the scaled losses, as backward takes them (unscaled, small ones underflow to zero
+    in float16 activations' backward), and their norms divided by the scale again. A scale too
+    large overflows them: the weight is then NaN, which the trainer treats as GradScaler treats
+    any overflow (the step skipped, the scale lowered)."""
+    nll_norm = _grad_norm(nll_loss, last_layer, grad_scale)
+    g_norm = _grad_norm(g_loss, last_layer, grad_scale)
+    d_weight = nll_norm / (g_norm + 1e-4)
     return torch.clamp(d_weight, 0.0, 1e4).detach() * disc_weight
 
 
@@ -96,9 +110,11 @@ class LPIPSWithDiscriminator(nn.Module):
 
     def generator_loss(self, inputs: torch.Tensor, recon: torch.Tensor,
                        posterior: DiagonalGaussianDistribution, global_step: int,
-                       last_layer: torch.Tensor, split: str = "train"
+                       last_layer: torch.Tensor, split: str = "train",
+                       grad_scale: torch.Tensor | None = None
                        ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The autoencoder's loss and its log. Phase 1 never runs the discriminator."""
+        """The autoencoder's loss and its log. Phase 1 never runs the discriminator.
+        `grad_scale`: the GradScaler's scale under float16 (see adaptive_weight)."""
         rec, nll = self._reconstruction(inputs, recon)
         kl = posterior.kl().sum() / inputs.shape[0]
         loss = nll + self.cfg.kl_weight * kl
@@ -107,7 +123,7 @@ class LPIPSWithDiscriminator(nn.Module):
         log = {}
         if factor > 0:
             g_loss = -self._frozen_critic(recon).mean()
-            d_weight = adaptive_weight(nll, g_loss, last_layer, self.cfg.disc_weight)
+            d_weight = adaptive_weight(nll, g_loss, last_layer, self.cfg.disc_weight, grad_scale)
             loss = loss + d_weight * factor * g_loss
             log["g_loss"] = g_loss.detach()
         log = {"total_loss": loss.detach(), "logvar": self.logvar.detach(),

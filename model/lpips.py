@@ -41,6 +41,26 @@ def lpips_linear_weights_path() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "weights" / "v0.1" / "vgg.pth"
 
 
+def missing_weights(allow_random: bool = False) -> list[str]:
+    """One message per weight file LPIPS needs and cannot find (none with `allow_random`)."""
+    if allow_random:
+        return []
+    missing = []
+    vgg, lin = vgg16_weights_path(), lpips_linear_weights_path()
+    if not vgg.is_file():
+        missing.append(
+            f"LPIPS needs the VGG16 weights at {vgg} (download {VGG16_URL} and place it "
+            "there); or set model.lossconfig.perceptual_weight: 0 to train without the "
+            "perceptual term, or model.lossconfig.allow_random_lpips: true to use a random "
+            "VGG backbone")
+    if lin is None or not lin.is_file():
+        missing.append(
+            f"LPIPS needs the linear-head file {lin or 'lpips/weights/v0.1/vgg.pth'} that "
+            "the `lpips` package ships (pip install lpips==0.1.4); or set "
+            "model.lossconfig.perceptual_weight: 0")
+    return missing
+
+
 def _vgg_layers() -> list[nn.Module]:
     """torchvision's vgg16().features as a flat list, same indices (conv, relu, maxpool)."""
     layers: list[nn.Module] = []
@@ -132,21 +152,13 @@ class LPIPS(nn.Module):
     @classmethod
     def pretrained(cls, allow_random: bool = False) -> LPIPS:
         """LPIPS with VGG16 + linear-head weights from disk; random ones only if allowed."""
+        missing = missing_weights(allow_random)
+        if missing:
+            raise LPIPSWeightsError("; ".join(missing))
         model = cls()
         vgg, lin = vgg16_weights_path(), lpips_linear_weights_path()
-        if not vgg.is_file() and not allow_random:
-            raise LPIPSWeightsError(
-                f"LPIPS needs the VGG16 weights at {vgg} (download {VGG16_URL} and place it "
-                "there); or set model.lossconfig.perceptual_weight: 0 to train without the "
-                "perceptual term, or model.lossconfig.allow_random_lpips: true to use a random "
-                "VGG backbone")
         if lin is not None and lin.is_file():
             model.load_linear_heads(lin)
-        elif not allow_random:
-            raise LPIPSWeightsError(
-                f"LPIPS needs the linear-head file {lin or 'lpips/weights/v0.1/vgg.pth'} that "
-                "the `lpips` package ships (pip install lpips==0.1.4); or set "
-                "model.lossconfig.perceptual_weight: 0")
         if vgg.is_file():
             model.load_vgg16(vgg)
         return model

@@ -38,6 +38,10 @@ class ManifestError(ValueError):
     """An export directory or its manifest is missing, malformed, or does not match its files."""
 
 
+class ManifestMissing(ManifestError):
+    """The folder holds no manifest.json (or does not exist): bad input, not a failed check."""
+
+
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     """Hex SHA-256 of a file, read in chunks."""
     digest = hashlib.sha256()
@@ -140,8 +144,8 @@ def read_manifest(directory: str | Path, check_graphs: bool = True) -> dict:
     directory = Path(directory)
     path = directory / MANIFEST_NAME
     if not path.is_file():
-        raise ManifestError(f"{directory}: no {MANIFEST_NAME}; expected an export directory "
-                            "written by `python -m export --ckpt CKPT --out DIR`")
+        raise ManifestMissing(f"{directory}: no {MANIFEST_NAME}; expected an export directory "
+                              "written by `python -m export --ckpt CKPT --out DIR`")
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -161,6 +165,23 @@ def check_source_checkpoint(manifest: dict, checkpoint: str | Path) -> None:
                             f"but the graphs were exported from {source.get('path')} (SHA-256 "
                             f"{source.get('sha256')}, step {source.get('step')}); re-export "
                             "from this checkpoint or use the matching one")
+
+
+def write_safetensors(path: str | Path, tensors: dict, metadata: dict | None = None) -> Path:
+    """Write a safetensors file whole or not at all (temp file + rename), readable by others
+    (safetensors itself creates 0600 files; a server or another user reads these)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        save_file({name: t.contiguous() for name, t in tensors.items()}, str(tmp), metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_json_atomic(path: str | Path, data: dict) -> None:

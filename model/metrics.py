@@ -65,11 +65,14 @@ def nmse(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return _per_sample(err / energy, single)
 
 
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per map (inf for identical maps)."""
+def psnr(pred: torch.Tensor, target: torch.Tensor,
+         data_range: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per map (inf for identical maps); `data_range` is one
+    number or one per map ([B])."""
     p, t, single = _as_batch(pred, target)
     err = (p - t).pow(2).flatten(1).mean(1)
-    return _per_sample(10.0 * torch.log10(data_range ** 2 / err), single)
+    peak = torch.as_tensor(data_range, dtype=torch.float64, device=p.device)
+    return _per_sample(10.0 * torch.log10(peak ** 2 / err), single)
 
 
 def _gaussian_window(device: torch.device) -> torch.Tensor:
@@ -84,8 +87,10 @@ def _blur(x: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
     return F.conv2d(x, window.view(1, 1, 1, -1))
 
 
-def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Structural similarity per map (channels averaged)."""
+def ssim(pred: torch.Tensor, target: torch.Tensor,
+         data_range: float | torch.Tensor = 1.0) -> torch.Tensor:
+    """Structural similarity per map (channels averaged); `data_range` is one number or one
+    per map ([B])."""
     p, t, single = _as_batch(pred, target)
     b, c, h, w = p.shape
     if min(h, w) < SSIM_WIN:
@@ -95,7 +100,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> t
     mu_p, mu_t, e_pp, e_tt, e_pt = _blur(stack, window).reshape(5, b, c, h - SSIM_WIN + 1, -1)
     var_p, var_t = e_pp - mu_p ** 2, e_tt - mu_t ** 2
     cov = e_pt - mu_p * mu_t
-    c1, c2 = (SSIM_K1 * data_range) ** 2, (SSIM_K2 * data_range) ** 2
+    peak = torch.as_tensor(data_range, dtype=torch.float64, device=p.device).reshape(-1, 1, 1, 1)
+    c1, c2 = (SSIM_K1 * peak) ** 2, (SSIM_K2 * peak) ** 2
     num = (2 * mu_p * mu_t + c1) * (2 * cov + c2)
     den = (mu_p ** 2 + mu_t ** 2 + c1) * (var_p + var_t + c2)
     return _per_sample((num / den).flatten(1).mean(1), single)

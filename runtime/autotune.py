@@ -226,26 +226,32 @@ def autotune(model: AutoencoderKL, device: str | torch.device, size: tuple[int, 
     device = torch.device(device)
     start = time.monotonic()
     ref = reference_outputs(model, device, size)
-    table = []
-    for name in candidates(device):
+    table, names = [], candidates(device)
+    logger.info("autotune: measuring %d paths at %dx%d on %s (budget %g s), one line each",
+                len(names), size[0], size[1], device, budget_s)
+    for i, name in enumerate(names, 1):
         if time.monotonic() - start > budget_s:
-            table.append(Measured(name, note=f"not measured: the {budget_s:g} s budget was spent"))
-            continue
-        try:
-            table.append(measure(name, model, device, ref, calls))
-        except (RuntimeError, ValueError) as err:  # a path this build cannot run
-            table.append(Measured(name, note=f"failed: {err}"))
+            row = Measured(name, note=f"not measured: the {budget_s:g} s budget was spent")
+        else:
+            try:
+                row = measure(name, model, device, ref, calls)
+            except (RuntimeError, ValueError) as err:  # a path this build cannot run
+                row = Measured(name, note=f"failed: {err}")
+        table.append(row)
+        log_row(row, f"{i}/{len(names)} {time.monotonic() - start:4.0f} s")
     choice = Choice(table, {}, seconds=time.monotonic() - start)
-    for row in table:
-        log_row(row)
-    logger.info("autotune: chose %s in %.1f s", choice.report()["paths"], choice.seconds)
+    paths = choice.report()["paths"]
+    logger.info("autotune: chose %s in %.1f s",
+                ", ".join(f"{op} {path}" for op, path in paths.items()), choice.seconds)
     return choice
 
 
-def log_row(row: Measured) -> None:
-    logger.info("autotune: %-52s encode %8s ms %7s dB  decode %8s ms %7s dB  %s", row.path,
-                _fmt(row.encode_ms), _fmt(row.encode_psnr_db), _fmt(row.decode_ms),
-                _fmt(row.decode_psnr_db), row.note)
+def log_row(row: Measured, position: str = "") -> None:
+    """One measured path as a table row (`position`: e.g. '3/7   12 s', the progress)."""
+    logger.info("autotune: %s%-52s encode %8s ms %7s dB  decode %8s ms %7s dB  %s",
+                f"{position}  " if position else "", row.path, _fmt(row.encode_ms),
+                _fmt(row.encode_psnr_db), _fmt(row.decode_ms), _fmt(row.decode_psnr_db),
+                row.note)
 
 
 def _fmt(value: Optional[float]) -> str:

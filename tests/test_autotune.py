@@ -101,3 +101,16 @@ def test_the_probe_maps_look_like_radio_maps():
     assert not torch.equal(maps[0], maps[1])
 
 
+
+
+def test_each_candidate_is_logged_as_one_table_row_with_its_progress(tiny, caplog):
+    """Server start-up once sat silent through the whole autotune: now one header line, a
+    row per candidate as it is measured (i/n, seconds so far) and a readable choice."""
+    caplog.set_level("INFO", logger="runtime.autotune")
+    at.autotune(tiny, "cpu", (64, 64), budget_s=0.0)
+    names = at.candidates(torch.device("cpu"))
+    lines = [r.getMessage() for r in caplog.records if r.name == "runtime.autotune"]
+    assert lines[0].startswith(f"autotune: measuring {len(names)} paths at 64x64 on cpu")
+    for i, name in enumerate(names, 1):
+        assert lines[i].startswith(f"autotune: {i}/{len(names)} ") and f" {name} " in lines[i]
+    assert lines[-1].startswith("autotune: chose encode fp32, decode fp32, reconstruct fp32 in ")

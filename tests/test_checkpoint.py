@@ -80,12 +80,18 @@ def test_truncated_file_is_refused_with_its_name(tmp_path):
 
 def test_foreign_file_is_refused(tmp_path):
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 8)
-    with pytest.raises(CheckpointError, match=r"noise\.pt: not a readable torch checkpoint"):
+    with pytest.raises(CheckpointError, match=r"noise\.pt: not a torch checkpoint: expected a "
+                       r"file written by torch.save \(a zip archive\), found other bytes "
+                       r"\(starting 00 01 02"):
         load_autoencoder(tmp_path / "noise.pt")
     path = tmp_path / "notes.pt"
-    path.write_text("these are not weights\n")
-    with pytest.raises(CheckpointError, match="notes.pt"):
+    path.write_text("these are not weights\n")  # torch.load's own error: "KeyError 116"
+    with pytest.raises(CheckpointError, match=r"notes.pt: not a torch checkpoint: .* found a "
+                       r"text file \(starting 'these are not weights'\)$"):
         load_autoencoder(path)
+    (tmp_path / "empty.pt").write_bytes(b"")
+    with pytest.raises(CheckpointError, match="found an empty file"):
+        load_autoencoder(tmp_path / "empty.pt")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         load_autoencoder(tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match="no model-N.pt"):

@@ -36,7 +36,7 @@ def test_no_command_line_accepts_an_abbreviated_option(tmp_path, capsys):
     cases = [(train_main, ["--cfg", never, "--resum"], "--resum"),
              (train_main, ["eval", "--ckpt", "x.pt", "--spl", "test"], "--spl"),
              (train_main, ["report", "run", "--ou", "r.html"], "--ou"),
-             (train_main, ["latent-stats", "--ckpt", "x.pt", "--no-wr"], "--no-wr"),
+             (train_main, ["latent-stats", "--ckpt", "x.pt", "--se", "1"], "--se"),
              (data_main, ["synth", "--out", never, "--maps", "1", "--se", "3"], "--se"),
              (export_parser().parse_args, ["--ck", "x.pt"], "--ck"),
              (lambda argv: parse_settings(argv, environ={}), ["--max-batch", "4"], "--max-batch")]

@@ -43,3 +43,24 @@ def test_two_process_gloo_run_trains_and_only_rank0_writes(tmp_path):
     model = load_autoencoder(run_dir)
     out = model(torch.zeros(1, 1, 32, 32), sample_posterior=False)[0]
     assert torch.isfinite(out).all()
+
+
+def test_two_process_gloo_run_keeps_a_learned_logvar_equal_on_both_ranks(tmp_path):
+    """`learn_logvar: true` trains logvar with the autoencoder: inside its DDP wrapper, so its
+    gradient is all-reduced. Each rank sees other maps, so without that the two logvars drift
+    apart, which the replica checksum (logvar included) stops with exit 1 at the first
+    checkpoint."""
+    raw = tiny_run(tmp_path, train_num_steps=4, save_and_sample_every=2, batch_size=1)
+    raw["model"]["lossconfig"]["learn_logvar"] = True
+    cfg = tmp_path / "logvar.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "train", "--cfg", str(cfg)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "DDP: 2 processes, gloo backend, one cpu device each" in proc.stdout
+    logvars = [float(read_checkpoint(tmp_path / "run" / f"model-{m}.pt")["model"]["loss.logvar"])
+               for m in (1, 2)]
+    assert 0.0 != logvars[0] != logvars[1]  # it was learned, and checked equal at each save

@@ -134,6 +134,15 @@ def test_flipped_bytes_in_a_graph_are_detected(exported, tmp_path, capsys):
     assert "corrupted graph detected" in capsys.readouterr().err
 
 
+def test_verify_of_a_folder_without_an_export_is_bad_input(tmp_path, capsys):
+    """A missing folder (or one with no manifest.json) is bad input, exit 2; a manifest that
+    does not match its files is a failed check, exit 1 (above)."""
+    for folder in (tmp_path / "missing", tmp_path):
+        assert main(["--verify", str(folder)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: {folder}: no manifest.json") and len(err.splitlines()) == 1
+
+
 def test_manifest_inconsistent_with_its_config_is_rejected(exported, tmp_path):
     copy = shutil.copytree(exported, tmp_path / "export")
     m = json.loads((copy / "manifest.json").read_text())

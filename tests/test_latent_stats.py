@@ -11,8 +11,8 @@ import torch
 from export.__main__ import main as export_main
 from export.diffusers_format import diffusers_config
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import (LATENT_STATS_KEY, latent_scaling, latent_stats, load_autoencoder,
-                              read_checkpoint, save_checkpoint)
+from model.checkpoint import (LATENT_STATS_KEY, WEIGHTS_DIR, CheckpointError, latent_scaling,
+                              latent_stats, load_autoencoder, read_checkpoint, save_checkpoint)
 from model.manifest import ManifestError, read_manifest, sha256_file, validate_manifest
 from server.apis import DecodeAPI, EncodeAPI
 from server.app import info_document
@@ -35,9 +35,11 @@ CONFIG_SOURCE = "config (RadioDiff's fixed 0.3)"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
-    """A tiny checkpoint after `python -m train latent-stats` wrote its statistics into it."""
+    """A tiny checkpoint after `python -m train latent-stats --out` (itself) wrote its
+    statistics into it."""
     path = write_tiny_checkpoint(tmp_path_factory.mktemp("stats") / "model-7.pt", seed=0)
-    assert main(["latent-stats", "--ckpt", str(path.parent), "--seed", str(SEED), *DATA]) == 0
+    assert main(["latent-stats", "--ckpt", str(path.parent), "--seed", str(SEED), "--out",
+                 str(path), *DATA]) == 0
     return path
 
 
@@ -87,14 +89,20 @@ def test_channel_moments_stream_like_one_pass_far_from_zero():
     assert moments.global_std() == pytest.approx(whole.std(), rel=1e-9)
 
 
-def test_no_write_json_max_maps_and_user_errors(ckpt, tmp_path, capsys):
+def test_without_out_nothing_is_written_json_max_maps_and_user_errors(ckpt, tmp_path, capsys):
     before = sha256_file(ckpt)
     out = tmp_path / "stats.json"
-    assert main(["latent-stats", "--ckpt", str(ckpt), "--max-maps", "5", "--no-write",
-                 "--json", str(out), *DATA]) == 0
-    printed = capsys.readouterr().out
-    assert "| channel | sample mean |" in printed and "left unchanged" in printed
+    assert main(["latent-stats", "--ckpt", str(ckpt), "--max-maps", "5", "--json", str(out),
+                 *DATA]) == 0
+    captured = capsys.readouterr()
+    assert "| channel | sample mean |" in captured.out and "nothing written" in captured.out
+    assert "{" not in captured.out  # the JSON goes to --json FILE (or `--json -`), not stdout
+    assert "latent-stats train: 5/5 maps (100%)" in captured.err  # progress, off a terminal
     assert json.loads(out.read_text())["maps"] == 5 and sha256_file(ckpt) == before
+    assert main(["latent-stats", "--ckpt", str(ckpt), "--max-maps", "5", "--json", "-",
+                 *DATA]) == 0
+    assert json.loads(capsys.readouterr().out.split("nothing written", 1)[1].split("\n", 1)[1]
+                      )["maps"] == 5
     bare = save_checkpoint(tmp_path / "model-1.pt", {"model": AutoencoderKL.from_config(
         tiny_model_config()).state_dict()})
     for argv, words in ((["--ckpt", str(tmp_path / "none.pt")], "no such checkpoint"),
@@ -155,3 +163,21 @@ def test_server_info_and_scaled_use_the_stored_scale(ckpt, export_dir, stats):
     np.testing.assert_allclose(scaled, plain * stats["scale_factor"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(decode.predict([Job(scaled, scaled=True)])[0],
                                decode.predict([Job(plain)])[0], atol=1e-4)
+
+
+def test_latent_stats_never_writes_a_bundled_model(tmp_path, capsys):
+    """`--ckpt reference` once rewrote the tracked model/weights/reference.pt (and every export
+    of it then failed --verify): the statistics go to --out, a bundled file is read-only."""
+    bundled = WEIGHTS_DIR / "reference.pt"
+    before, mtime = sha256_file(bundled), bundled.stat().st_mtime_ns
+    assert main(["latent-stats", "--ckpt", "reference", "--max-maps", "2",
+                 "--out", str(bundled)]) == 2
+    assert "bundled model file, read-only" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="read-only"):
+        save_checkpoint(bundled, {"step": 0})
+    copy = tmp_path / "reference-stats.pt"
+    assert main(["latent-stats", "--ckpt", "reference", "--max-maps", "2", "--out",
+                 str(copy)]) == 0
+    assert latent_stats(read_checkpoint(copy))["maps"] == 2
+    assert main(["latent-stats", "--ckpt", "reference", "--max-maps", "2"]) == 0
+    assert sha256_file(bundled) == before and bundled.stat().st_mtime_ns == mtime

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -67,6 +68,8 @@ def test_shards_round_trip_the_posterior_of_every_map(written, ckpt):
         with torch.no_grad():
             mean = ae.encode(to_model_batch(data[i]["image"])).mean[0]
         assert torch.allclose(item["latent"], mean, atol=1e-4)
+    for path in [*written.glob("shard-*"), written / "index.json"]:
+        assert stat.S_IMODE(path.stat().st_mode) == 0o644, path  # safetensors alone: 0600
     index = json.loads((written / "index.json").read_text())
     assert index["checkpoint_sha256"] and index["weights"] == "ema" and index["split"] == "train"
     assert index["latent_scaling"]["scale_factor"] == 0.3  # no latent-stats run: the config's
@@ -134,6 +137,9 @@ def test_the_measured_path_is_decided_once_and_kept(ckpt, tmp_path, monkeypatch,
     monkeypatch.setenv("RADIODIFF_CACHE_DIR", str(tmp_path / "cache"))
     out = tmp_path / "auto"
     assert export_main(_job(ckpt, out, path="auto")) == 0
+    err = capsys.readouterr().err  # progress off a terminal: the autotuner's rows, the maps
+    assert " INFO [" in err and "autotune: 1/" in err and "autotune: chose encode " in err
+    assert "latents train rank 0: 51/51 maps (100%)" in err
     held = json.loads((out / "job.json").read_text())["path"]
     assert "winograd" not in held and list((tmp_path / "cache").rglob("*.json"))  # measured
     (out / "index.json").unlink()

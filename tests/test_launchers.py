@@ -49,8 +49,22 @@ def test_accelerate_launch_two_cpu_processes_trains_with_ddp(tmp_path):
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
+    assert out.stdout.count("DDP: 2 processes, gloo backend") == 1
     assert _ranks_in(tmp_path / "run") == 2
     assert [r["step"] for r in read_metrics(tmp_path / "run") if "val/psnr" in r] == [2, 4]
+
+
+def test_accelerate_launch_cpu_two_processes_says_it_runs_one(tmp_path):
+    """`--cpu --num_processes 2` hands the processes to MPI and, without mpirun, starts one:
+    the run says so instead of training on one process silently."""
+    pytest.importorskip("accelerate")
+    out = subprocess.run([*ACCELERATE, "--cpu", "--num_processes", "2", "-m", "train",
+                          "--cfg", str(_config(tmp_path, 2))], cwd=REPO, env=ENV,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("started this one process only") == 1
+    assert "use `accelerate launch --multi_gpu --num_processes N`" in out.stdout
+    assert "DDP:" not in out.stdout and _ranks_in(tmp_path / "run") == 1
 
 
 def _free_port() -> int:

@@ -216,3 +216,27 @@ def test_loss_state_without_frozen_lpips_loads_and_other_mismatches_are_refused(
             other.load_trained_state_dict(bad)
     with pytest.raises(RuntimeError, match="unexpected"):  # LPIPS keys where none is built
         LPIPSWithDiscriminator(LossConfig(perceptual_weight=0.0)).load_trained_state_dict(full)
+
+
+def test_fp16_adaptive_weight_from_scaled_gradients_matches_fp32():
+    """With logvar_init 18 the NLL's gradients at the reconstruction are ~exp(-18) / 2 = 8e-9,
+    under float16's smallest subnormal (6e-8): taken unscaled under float16 autocast they
+    underflow (the weight comes out ~16x too small); taken of the loss times the GradScaler's
+    scale and divided by it again they match float32's."""
+    torch.manual_seed(0)
+    loss = LPIPSWithDiscriminator(LossConfig(disc_start=0, perceptual_weight=0, logvar_init=18.0))
+    ae = AutoencoderKL.from_config(tiny_model_config(32))
+    x = torch.rand(2, 1, 32, 32) * 2 - 1
+
+    def d_weight(dtype: torch.dtype | None, scale: float | None) -> float:
+        with torch.autocast("cpu", dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            recon, posterior = ae(x, sample_posterior=False)
+            _, log = loss.generator_loss(x, recon, posterior, 0, ae.get_last_layer(),
+                                         grad_scale=None if scale is None
+                                         else torch.tensor(scale))
+        return log["train/d_weight"].item()
+
+    fp32 = d_weight(None, None)
+    assert d_weight(torch.float16, None) < 0.2 * fp32  # unscaled: underflow
+    assert d_weight(torch.float16, 2.0 ** 12) == pytest.approx(fp32, rel=1e-2)
+    assert d_weight(None, 2.0 ** 12) == pytest.approx(fp32, rel=1e-6)  # the scale cancels

@@ -146,6 +146,7 @@ def test_killed_and_resumed_generation_writes_the_same_files(sionna_rt, tmp_path
     done = subprocess.run(args + ["--out", str(cut)], cwd=ROOT, check=True, capture_output=True,
                           text=True)
     assert "generated" in done.stdout
+    assert " INFO [" in done.stdout and "raytrace: 3/3 cities (100%)" in done.stdout  # progress
     assert _digests(cut) == _digests(whole)
 
 

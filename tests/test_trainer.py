@@ -16,12 +16,17 @@ import yaml
 from model.checkpoint import (CheckpointError, latest_checkpoint, load_autoencoder,
                               read_checkpoint)
 from model.config import ConfigError
+from model.autoencoder import AutoencoderKL
+from train import distributed
 from train.__main__ import main
-from train.config import TrainerConfig, load_config
+from train.config import DataConfig, TrainerConfig, load_config
 from train.data import build_dataset
 from train.ema import EMA, ema_decay
 from train.logging import read_metrics
+from train.memory import GIB, choose_checkpointing, step_bytes
 from train.schedule import lr_multiplier
+from train.signals import StopRequest
+from train.stream import BatchStream
 from train.trainer import Trainer, TrainingDiverged, autocast_dtype, strip_prefix
 
 REPO = Path(__file__).resolve().parent.parent
@@ -290,7 +295,11 @@ def test_quickstart_loss_falls_and_leaves_checkpoint_samples_metrics_report(tmp_
     assert page.count("<img src='data:image/png;base64,") >= 12 + 4 + 1  # terms, val, grid
     assert "until step 9, phase 2" in page  # disc_start, also drawn on every curve
     capsys.readouterr()
-    assert main(["eval", "--ckpt", str(run_dir), "--split", "test"]) == 0
+    assert main(["eval", "--ckpt", str(run_dir), "--split", "test", "--max-maps", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "| psnr |" in captured.out and "{" not in captured.out  # JSON only on request
+    assert "eval test: 2/2 maps (100%)" in captured.err  # progress lines off a terminal
+    assert main(["eval", "--ckpt", str(run_dir), "--split", "test", "--json", "-"]) == 0
     out = capsys.readouterr().out
     result = json.loads(out[out.index("{"):])
     assert result["split"] == "test" and result["weights"] == "ema"
@@ -491,3 +500,147 @@ def test_training_runs_the_fused_attention_layout_and_saves_plain_autoencoder_we
         ema = trainer.ema.ema_model
         assert torch.allclose(ema.decode(ema.encode(x).mode()),
                               plain.decode(plain.encode(x).mode()), atol=1e-5)
+
+
+def _run_folder_state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_config_the_network_cannot_take_leaves_the_earlier_run_in_place(tmp_path, data,
+                                                                         capsys):
+    """`data.image_size=[63,63]` on quickstart's factor-2 network once moved the finished run
+    aside, then died at step 0 with a traceback (exit 1): now a one-line config error."""
+    run(tiny_run(tmp_path, train_num_steps=2), data)
+    run_dir = tmp_path / "run"
+    before = _run_folder_state(run_dir)
+    capsys.readouterr()
+    assert main(["--cfg", "quickstart.yaml", f"trainer.results_folder={run_dir}",
+                 "data.image_size=[63,63]"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: data.image_size [63, 63]: the network")
+    assert "multiples of 2" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert _run_folder_state(run_dir) == before and not list(tmp_path.glob("run.prev-*"))
+    for size in ([64, 66], "native"):  # multiples of 2 (native: 256)
+        load_config("quickstart.yaml", [f"data.image_size={size}"])
+    with pytest.raises(ConfigError, match=r"data.crop_size \[30, 32\]: .* multiples of 4"):
+        load_config(tiny_run(tmp_path), ["data.crop_size=[30,32]"])
+
+
+def test_a_run_that_fails_at_its_first_step_leaves_the_earlier_run_in_place(tmp_path, data):
+    """Whatever fails before the first step is done (here maps of a size the network cannot
+    take, handed in past the config check; on a GPU, out of memory) leaves the folder as it
+    was: the earlier run is moved aside only once the new one has run a step."""
+    run(tiny_run(tmp_path, train_num_steps=2), data)
+    run_dir = tmp_path / "run"
+    before = _run_folder_state(run_dir)
+    odd = build_dataset(DataConfig(name="synthetic", num_maps=8, num_tx=2, image_size=[30, 30],
+                                   num_workers=0), "train")
+    trainer = Trainer(load_config(tiny_run(tmp_path, train_num_steps=2)), odd, data[1])
+    with pytest.raises(RuntimeError, match="size of tensor"):
+        trainer.train()
+    assert _run_folder_state(run_dir) == before and not list(tmp_path.glob("run.prev-*"))
+
+
+def test_missing_data_and_lpips_weights_are_reported_together_data_first(tmp_path, capsys):
+    old = torch.hub.get_dir()
+    torch.hub.set_dir(str(tmp_path / "hub"))  # no VGG16 file there
+    try:
+        assert main(["--cfg", "first_radio.yaml", f"data.root={tmp_path / 'RadioMapSeer'}",
+                     f"trainer.results_folder={tmp_path / 'run'}"]) == 2
+    finally:
+        torch.hub.set_dir(old)
+    err = capsys.readouterr().err
+    assert err.startswith("error: 2 inputs are missing: (1) ") and len(err.splitlines()) == 1
+    data_at, vgg_at = err.index("RadioMapSeer: RadioMapSeer folder not found"), err.index(
+        "(2) LPIPS needs the VGG16 weights at " + str(tmp_path / "hub"))
+    assert data_at < vgg_at and "vgg16-397923af.pth" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_step_the_grad_scaler_skips_moves_neither_lr_nor_ema(tmp_path, data):
+    """fp16's GradScaler (device-agnostic; fp16 autocast itself is refused on a CPU) with a
+    scale so large that the scaled loss overflows: it skips the optimizer step, and the lr
+    schedules and the EMA must not advance either; the next, normal step moves all three."""
+    trainer = Trainer(load_config(tiny_run(tmp_path, warmup_steps=4)), *data)
+    trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127)
+    weights = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    lr, ema = trainer.opt_ae.param_groups[0]["lr"], copy.deepcopy(trainer.ema.state_dict())
+    stream = BatchStream(trainer.train_loader)
+    with StopRequest() as stop:
+        trainer.train_step(stream, stop)
+        assert trainer.step == 1 and trainer.scaler.get_scale() == 2.0 ** 126  # skipped
+        assert trainer.sched_ae.last_epoch == trainer.sched_disc.last_epoch == 0
+        assert trainer.opt_ae.param_groups[0]["lr"] == lr and trainer.ema.step == 0
+        assert all(torch.equal(v, trainer.ema.state_dict()[k]) for k, v in ema.items())
+        assert all(torch.equal(v, trainer.model.state_dict()[k]) for k, v in weights.items())
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 8)
+        trainer.train_step(stream, stop)
+    assert trainer.sched_ae.last_epoch == 1 and trainer.ema.step == 1
+    assert trainer.opt_ae.param_groups[0]["lr"] > lr  # warm-up moved on
+
+
+def test_loss_terms_are_reduced_only_at_log_steps(tmp_path, data, monkeypatch):
+    """Per step one all-reduce of three flags (non-finite, fp16 overflow, stop: the NaN guard);
+    the logged terms are all-reduced (and read on the host) only every log_freq steps."""
+    sizes = []
+    real = distributed.all_reduce
+
+    def counting(tensor, env, op="sum"):
+        sizes.append(tensor.numel())
+        return real(tensor, env, op)
+
+    monkeypatch.setattr(distributed, "all_reduce", counting)
+    trainer = run(tiny_run(tmp_path, train_num_steps=6, log_freq=3, save_and_sample_every=100),
+                  data)
+    terms = len(steps(tmp_path / "run")[0]) - 3  # less step, lr, it_per_s
+    assert sizes.count(3) == 6 and sizes.count(terms) == 2, sizes  # steps 0 and 3 logged
+    assert trainer.step == 6
+
+
+def test_a_changed_lr_on_resume_is_applied_and_said(tmp_path, data, capsys):
+    raw = tiny_run(tmp_path, train_num_steps=2)
+    run(raw, data)
+    cfg_path = tmp_path / "more.yaml"
+    cfg_path.write_text(yaml.safe_dump(tiny_run(tmp_path, train_num_steps=4, lr=2e-3)))
+    capsys.readouterr()
+    assert main(["--cfg", str(cfg_path), "--resume"]) == 0
+    out = capsys.readouterr().out
+    assert "trainer.lr is 0.002 in this config and 0.001 in the checkpoint" in out
+    ckpt = read_checkpoint(tmp_path / "run" / "model-2.pt")
+    assert ckpt["lr_scheduler_ae"]["base_lrs"] == [2e-3]
+    multiplier = lr_multiplier(load_config(tiny_run(tmp_path, train_num_steps=4, lr=2e-3))
+                               .trainer)
+    assert ckpt["opt_ae"]["param_groups"][0]["lr"] == pytest.approx(2e-3 * multiplier(4))
+
+
+def test_accumulation_is_said_once_at_start(tmp_path, data, capsys):
+    run(tiny_run(tmp_path, train_num_steps=2, gradient_accumulate_every=2), data)
+    out = capsys.readouterr().out
+    assert out.count("trainer.gradient_accumulate_every: 2 accumulates 2 micro-batches of 2") == 1
+    assert "2x the data per step of upstream RadioDiff" in out and "DDP:" not in out
+
+
+@pytest.mark.parametrize("setting, device, free_gib, on", [
+    ("auto", "cuda", 24.0, True),     # first_radio, batch 8, 320x320, bf16: ~30 GiB
+    ("auto", "cuda", 80.0, False),
+    ("auto", "cpu", None, False),     # on a CPU: no change
+    (False, "cuda", 24.0, False),     # what the config says wins
+    (True, "cpu", None, True),
+])
+def test_activation_checkpointing_is_chosen_when_the_step_would_not_fit(setting, device,
+                                                                       free_gib, on):
+    dd = load_config("first_radio.yaml").model.ddconfig
+    with torch.device("meta"):
+        params = sum(p.numel() for p in AutoencoderKL.from_config(
+            load_config("first_radio.yaml").model).parameters())
+    bf16 = step_bytes(dd, (320, 320), 8, True, params) / GIB
+    fp32 = step_bytes(dd, (320, 320), 8, False, params) / GIB
+    assert bf16 == pytest.approx(30.0, rel=0.05) and fp32 == pytest.approx(85.9, rel=0.05)
+    assert step_bytes(dd, (256, 256), 8, True, params) / GIB < 0.7 * bf16
+    free = None if free_gib is None else free_gib * GIB
+    choice, line = choose_checkpointing(setting, device, bf16 * GIB, free)
+    assert choice is on
+    assert (line is not None) == (setting == "auto" and device == "cuda")
+    if line:
+        assert line.startswith(f"activation checkpointing {'on' if on else 'off'}")

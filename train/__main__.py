@@ -21,13 +21,30 @@ USER_ERRORS = (ConfigError, CheckpointError, LPIPSWeightsError, RadioMapError, F
 EXIT_USER_ERROR, EXIT_DIVERGED = 2, 1
 
 
+SUBCOMMANDS = {
+    "eval": "reconstruction metrics of a checkpoint on a split",
+    "latent-stats": "latent mean/std and scale factor of a checkpoint (--out stores them)",
+    "latent-check": "checks of a checkpoint's latents (train/latent_check.py)",
+    "pack": "a network-only checkpoint for serving and bundling",
+    "report": "RUN_DIR/report.html: curves, samples, validation",
+    "figures": "the figures of docs/quality.md",
+}
+
+
+def _bundled_configs() -> str:
+    from model.config import CONFIG_DIR
+    return ", ".join(sorted(p.name for p in CONFIG_DIR.glob("*.yaml")))
+
+
 def _train_parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:13} {what}" for name, what in SUBCOMMANDS.items())
     p = argparse.ArgumentParser(
         prog="python -m train", allow_abbrev=False,
-        description="Train the RadioDiff VAE-GAN. Subcommands: `report RUN_DIR`, "
-                    "`eval --ckpt CKPT --split test`.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train the RadioDiff VAE-GAN.",
+        epilog=f"subcommands (python -m train NAME --help):\n{listing}")
     p.add_argument("--cfg", required=True, help="a YAML path or a bundled config name "
-                   "(quickstart.yaml, first_radio.yaml)")
+                   f"({_bundled_configs()})")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="dotted overrides, e.g. trainer.batch_size=4")
     p.add_argument("--resume", action="store_true", help="continue from the latest model-N.pt "
@@ -40,12 +57,12 @@ def train_command(argv: list[str]) -> int:
     from train.config import load_config
     from train.data import DataError
     from train.distributed import teardown
-    from train.trainer import Trainer, TrainingDiverged, checkpoint_to_resume
+    from train.trainer import Trainer, TrainingDiverged, checkpoint_to_resume, gather_inputs
     trainer = None
     try:
         cfg = load_config(args.cfg, args.overrides)
         resume = checkpoint_to_resume(cfg, latest=args.resume)
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, *gather_inputs(cfg))
         if resume is not None and not _resume(trainer, resume):
             return 0
         if resume is None and args.resume:
@@ -114,7 +131,8 @@ def eval_command(argv: list[str]) -> int:
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     args = p.parse_args(argv)
     from train.data import DataError
-    from train.evaluate import evaluate_checkpoint, format_table
+    from train.evaluate import evaluate_checkpoint, format_definitions, format_table
+    from train.loading import write_json
     try:
         results = evaluate_checkpoint(args.ckpt, args.split, args.cfg, args.overrides,
                                       use_ema=not args.no_ema, max_maps=args.max_maps)
@@ -122,10 +140,8 @@ def eval_command(argv: list[str]) -> int:
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     print(format_table(results))
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    print(format_definitions(results))
+    write_json(results, args.json)
     return 0
 
 
@@ -133,6 +149,13 @@ def latent_stats_command(argv: list[str]) -> int:
     """`latent-stats`: see train/latent_stats.py."""
     from train.data import DataError
     from train.latent_stats import command
+    return command(argv, (*USER_ERRORS, DataError))
+
+
+def latent_check_command(argv: list[str]) -> int:
+    """`latent-check`: see train/latent_check.py."""
+    from train.data import DataError
+    from train.latent_check import command
     return command(argv, (*USER_ERRORS, DataError))
 
 
@@ -162,7 +185,8 @@ def figures_command(argv: list[str]) -> int:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     commands = {"report": report_command, "eval": eval_command,
-                "latent-stats": latent_stats_command, "figures": figures_command,
+                "latent-stats": latent_stats_command, "latent-check": latent_check_command,
+                "figures": figures_command,
                 "pack": pack_command}
     if argv and argv[0] in commands:
         return commands[argv[0]](argv[1:])

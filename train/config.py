@@ -66,7 +66,9 @@ class TrainerConfig:
     # float16 mixed precision (autocast + gradient scaler) whatever `amp` says, as upstream's
     # accelerate mixed_precision='fp16'; CUDA only: refused at start-up on a CPU device
     fp16: bool = False
-    gradient_checkpointing: bool = False  # recompute block activations in backward: less memory
+    # recompute block activations in backward (less memory); auto: on when a step would not
+    # fit the GPU's free memory by estimate (train/memory.py), off on a CPU
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
     batch_size: Union[int, None] = None
     ema_decay: float = 0.995
     ema_update_every: int = 10
@@ -94,6 +96,24 @@ class TrainerConfig:
             raise ConfigError(f"{path}.batch_size: expected a positive integer")
 
 
+NATIVE_SIZE = 256  # RadioMapSeer's and the synthetic source's maps: data.image_size 'native'
+
+
+def check_network_size(key: str, size: Union[int, list[int], str, None],
+                       ch_mult: list[int]) -> None:
+    """The network halves a map len(ch_mult) - 1 times and doubles it back, so it takes sizes
+    that are multiples of 2 ** (len(ch_mult) - 1) and no others (63 -> 31 -> 62 != 63)."""
+    if size is None:
+        return
+    hw = [NATIVE_SIZE] * 2 if size == "native" else [size] * 2 if isinstance(size, int) else size
+    factor = 2 ** (len(ch_mult) - 1)
+    if any(side % factor for side in hw):
+        down = [side // factor * factor or factor for side in hw]
+        raise ConfigError(f"{key} {size}: the network (model.ddconfig.ch_mult {ch_mult}, "
+                          f"downsampling factor {factor}) takes only sizes that are multiples "
+                          f"of {factor}; e.g. {down} or {[d + factor for d in down]}")
+
+
 @dataclass
 class RunConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -105,6 +125,15 @@ class RunConfig:
         if a is not None and b is not None and a != b:
             raise ConfigError(f"data.batch_size ({a}) and trainer.batch_size ({b}) disagree; "
                               "set one")
+        for key, size in (("image_size", self.data.image_size), ("crop_size", self.data.crop_size)):
+            check_network_size(f"data.{key}", size, self.model.ddconfig.ch_mult)
+
+    @property
+    def train_size(self) -> tuple[int, int]:
+        """(H, W) of the maps a training step sees: the crop, else data.image_size."""
+        size = self.data.crop_size or self.data.image_size
+        size = NATIVE_SIZE if size == "native" else size
+        return (size, size) if isinstance(size, int) else (size[0], size[1])
 
     @property
     def batch_size(self) -> int:

@@ -17,6 +17,7 @@ class DistEnv:
     rank: int
     world_size: int
     device: torch.device
+    backend: str | None = None  # the process group's ("nccl", "gloo"); None on one process
 
     @property
     def enabled(self) -> bool:
@@ -46,7 +47,30 @@ def setup(preference: str = "auto") -> DistEnv:
     device = pick_device(preference, int(os.environ.get("LOCAL_RANK", "0")))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return DistEnv(rank, world_size, device)
+    backend = dist.get_backend() if world_size > 1 else None
+    return DistEnv(rank, world_size, device, backend)
+
+
+def describe(env: DistEnv) -> str | None:
+    """One line on a multi-process run (world size, backend, device); None on one process."""
+    if not env.enabled:
+        return None
+    return (f"DDP: {env.world_size} processes, {env.backend} backend, one {env.device.type} "
+            "device each")
+
+
+def single_process_note(environ: dict[str, str] | None = None) -> str | None:
+    """`accelerate launch --cpu --num_processes N` hands N CPU processes to MPI (mpirun, with
+    --mpirun_hostfile) and without it starts one process, setting MASTER_ADDR but no
+    WORLD_SIZE: say so rather than train on one process silently."""
+    env = os.environ if environ is None else environ
+    accelerate_cpu = env.get("ACCELERATE_USE_CPU", "").lower() in ("true", "1", "yes")
+    if accelerate_cpu and "MASTER_ADDR" in env and "WORLD_SIZE" not in env:
+        return ("note: `accelerate launch --cpu --num_processes N` started this one process "
+                "only (accelerate hands CPU processes to MPI, which it did not use here), so "
+                "this run trains on 1 process; for N CPU processes use `accelerate launch "
+                "--multi_gpu --num_processes N` (gloo on CPU) or `torchrun --nproc_per_node=N`")
+    return None
 
 
 def teardown(env: DistEnv) -> None:

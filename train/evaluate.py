@@ -14,11 +14,12 @@ import torch
 
 from model.autoencoder import AutoencoderKL
 from model.io import from_model
+from model.literature_metrics import DEFINITIONS, SOURCES, definition_metrics
 from model.metrics import METRIC_NAMES, per_sample_metrics
 from train.config import RunConfig
 from train.data import RadioMapDataset, validation_subset
 from train.data.base import resize
-from train.loading import load_checkpoint_run, split_loader, whole_maps
+from train.loading import load_checkpoint_run, tracked_loader, whole_maps
 from train.logging import _json_number as _number  # NaN / Inf as strings
 
 ERROR_GAIN = 4.0  # |error| is drawn x4 (clipped) so small errors stay visible
@@ -28,26 +29,30 @@ SAME = "same as native: the maps are not resized (data.image_size is their nativ
 Scores = dict[str, dict[str, torch.Tensor]]  # resolution ("model", "native") -> metric -> [B]
 
 
-def _scores(pred: torch.Tensor, target: torch.Tensor, buildings: torch.Tensor) -> dict:
-    """Per-map metrics of [0, 1] maps; `buildings` is the loader's [-1, 1] map."""
-    return per_sample_metrics(pred, target, buildings.to(pred.device) > 0)
+def _scores(pred: torch.Tensor, target: torch.Tensor, buildings: torch.Tensor,
+            definitions: bool = False) -> dict:
+    """Per-map metrics of [0, 1] maps; `buildings` is the loader's [-1, 1] map. With
+    `definitions`, also the papers' definitions (model/literature_metrics.py)."""
+    scores = per_sample_metrics(pred, target, buildings.to(pred.device) > 0)
+    return scores | (definition_metrics(pred, target) if definitions else {})
 
 
 def batch_metrics(model: AutoencoderKL, batch: dict, device: torch.device,
-                  autocast: contextlib.AbstractContextManager | None = None
-                  ) -> tuple[Scores, torch.Tensor, torch.Tensor]:
+                  autocast: contextlib.AbstractContextManager | None = None,
+                  definitions: bool = False) -> tuple[Scores, torch.Tensor, torch.Tensor]:
     """Per-map metrics of one batch at model resolution ("model") and, when it holds native
     maps, at native resolution ("native": the reconstruction resized back); plus (target,
-    reconstruction) in [0, 1]. Reconstructions use the posterior mode (deterministic)."""
+    reconstruction) in [0, 1]. Reconstructions use the posterior mode (deterministic).
+    `definitions` adds the papers' metric definitions at both resolutions."""
     x = batch["image"].to(device, non_blocking=True)
     with autocast or contextlib.nullcontext():
         recon = model(x, sample_posterior=False)[0]
     target, pred = from_model(x), from_model(recon)
-    scores = {"model": _scores(pred, target, batch["buildings"])}
+    scores = {"model": _scores(pred, target, batch["buildings"], definitions)}
     if "native_image" in batch:
         native = from_model(batch["native_image"].to(device))
         upsized = resize(pred[:, 0], tuple(native.shape[-2:]))[:, None]
-        scores["native"] = _scores(upsized, native, batch["native_buildings"])
+        scores["native"] = _scores(upsized, native, batch["native_buildings"], definitions)
     return scores, target, pred
 
 
@@ -111,6 +116,13 @@ def format_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def format_definitions(results: dict) -> str:
+    """One line per paper's metric definition: its means at native resolution, its source."""
+    return "\n".join(f"{name}'s definitions, native: " + ", ".join(
+        f"{m} {_cell(v['mean'])}" for m, v in d["metrics"].items()) + f" ({d['source']})"
+        for name, d in results["native"].get("definitions", {}).items())
+
+
 def _size(block: dict) -> str:
     return "x".join(map(str, block["size"]))
 
@@ -128,7 +140,7 @@ def score_maps(model: AutoencoderKL, loader: Iterable[dict], device: torch.devic
     parts: dict = defaultdict(lambda: defaultdict(list))
     sizes: dict[str, list[int]] = {}
     for batch in loader:
-        scores, _, _ = batch_metrics(model, batch, device)
+        scores, _, _ = batch_metrics(model, batch, device, definitions=True)
         names += list(batch["name"])
         sizes = {"model": list(batch["image"].shape[-2:]),
                  "native": list(batch.get("native_image", batch["image"]).shape[-2:])}
@@ -149,16 +161,32 @@ def _entry(names: list[str], values: dict[str, torch.Tensor], i: int) -> dict:
     return {"name": names[i], **{k: _number(v[i].item()) for k, v in values.items()}}
 
 
+def _summary(values: torch.Tensor) -> dict:
+    """Mean over the maps where it is defined, and percentiles."""
+    defined = values[~values.isnan()].double()
+    mean = defined.mean().item() if defined.numel() else float("nan")
+    return {"mean": _number(mean), **_percentiles(values)}
+
+
+def definitions_block(values: dict[str, torch.Tensor]) -> dict:
+    """The papers' definitions (keys `DEFINITION_metric` in `values`), each with its source."""
+    return {name: {"source": SOURCES[name],
+                   "metrics": {m: _summary(values[f"{name}_{m}"]) for m in metrics}}
+            for name, metrics in DEFINITIONS.items() if f"{name}_{next(iter(metrics))}" in values}
+
+
 def summarize(names: list[str], values: dict[str, torch.Tensor], size: list[int]) -> dict:
     """One resolution's block: [H, W], each metric's mean and percentiles, and the maps with
-    the lowest PSNR (worst first) and the highest (best first)."""
-    means = means_from_sums(metric_vector(values))
-    metrics = {name: {"mean": _number(means[name]), **_percentiles(values[name])}
-               for name in METRIC_NAMES}
+    the lowest PSNR (worst first) and the highest (best first); the papers' definitions when
+    `values` holds them."""
+    metrics = {name: _summary(values[name]) for name in METRIC_NAMES}
     worst = torch.argsort(values["psnr"], stable=True)[:WORST].tolist()
     best = torch.argsort(-values["psnr"], stable=True)[:BEST].tolist()
-    return {"size": size, "metrics": metrics, "worst": [_entry(names, values, i) for i in worst],
-            "best": [_entry(names, values, i) for i in best]}
+    block = {"size": size, "metrics": metrics,
+             "worst": [_entry(names, values, i) for i in worst],
+             "best": [_entry(names, values, i) for i in best]}
+    definitions = definitions_block(values)
+    return block | ({"definitions": definitions} if definitions else {})
 
 
 def evaluate(model: AutoencoderKL, loader: Iterable[dict], device: torch.device) -> dict:
@@ -191,4 +219,4 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", cfg: str | Path |
                                                                 loaded.run.data.seed)
     return {"checkpoint": str(loaded.path), "step": loaded.state.get("step"), "split": split,
             "weights": loaded.weights, "split_maps": len(dataset),
-            **evaluate(loaded.model, split_loader(loaded.run, subset), loaded.device)}
+            **evaluate(loaded.model, tracked_loader(loaded.run, subset, f"eval {split}"), loaded.device)}

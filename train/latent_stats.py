@@ -1,10 +1,10 @@
 """`python -m train latent-stats`: per-channel statistics of a checkpoint's latents over a data
 split, and the scale factor they recommend (LDM's scale_by_std: 1 / the global std of the
-posterior samples), stored in the checkpoint under `latent_stats` for exports and the server."""
+posterior samples); `--out FILE` writes a copy of the checkpoint with them under `latent_stats`,
+for exports and the server (a bundled model is never rewritten)."""
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from pathlib import Path
@@ -13,10 +13,11 @@ from typing import Iterable, Sequence
 import torch
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import LATENT_STATS_KEY, CheckpointError, save_checkpoint
+from model.checkpoint import (LATENT_STATS_KEY, CheckpointError, refuse_bundled,
+                              save_checkpoint)
 from train.data import DataError, validation_subset
 from train.loading import (LoadedCheckpoint, add_split_arguments, load_checkpoint_run,
-                           split_loader, whole_maps)
+                           tracked_loader, whole_maps, write_json)
 
 SOURCE = "python -m train latent-stats"
 
@@ -99,16 +100,17 @@ def compute_latent_stats(ckpt: str | Path, split: str = "train", cfg: str | Path
     dataset = whole_maps(loaded.run, split)
     if max_maps is not None:
         dataset = validation_subset(dataset, max_maps, loaded.run.data.seed)
-    samples, means, maps = latent_moments(loaded.model, split_loader(loaded.run, dataset),
-                                          loaded.device, seed)
+    batches = tracked_loader(loaded.run, dataset, f"latent-stats {split}")
+    samples, means, maps = latent_moments(loaded.model, batches, loaded.device, seed)
     if maps == 0:
         raise DataError(f"the {split} split holds no maps")
     return loaded, stats_document(samples, means, maps, loaded, split, seed)
 
 
-def store_latent_stats(loaded: LoadedCheckpoint, stats: dict) -> Path:
-    """Rewrite the checkpoint with `latent_stats` added (atomically: temp file + rename)."""
-    return save_checkpoint(loaded.path, {**loaded.state, LATENT_STATS_KEY: stats})
+def store_latent_stats(loaded: LoadedCheckpoint, stats: dict, out: str | Path) -> Path:
+    """Write the checkpoint with `latent_stats` added to `out` (atomically: temp file +
+    rename); `out` may be the checkpoint itself, never a bundled model (refuse_bundled)."""
+    return save_checkpoint(out, {**loaded.state, LATENT_STATS_KEY: stats})
 
 
 def format_stats(stats: dict, config_scale: float) -> str:
@@ -129,12 +131,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train latent-stats", allow_abbrev=False,
                                 description="Per-channel mean/std of a checkpoint's latents "
                                             "(EMA weights) over a split, and scale_factor = "
-                                            "1 / std; stored in the checkpoint.")
+                                            "1 / std; with --out, stored in a copy of the "
+                                            "checkpoint.")
     add_split_arguments(p, "train")
     p.add_argument("--seed", type=int, default=0, help="seed of the posterior samples "
                    "(default %(default)s)")
-    p.add_argument("--no-write", action="store_true", help="print (and --json) only; leave the "
-                   "checkpoint unchanged")
+    p.add_argument("--out", metavar="FILE", help="write the checkpoint with the statistics "
+                   "added (key latent_stats) to FILE, which may be the checkpoint itself but "
+                   "not a bundled model (default: write nothing)")
     return p
 
 
@@ -142,18 +146,16 @@ def command(argv: list[str], user_errors: tuple[type[Exception], ...]) -> int:
     """Run `python -m train latent-stats ARGV`; a user error prints one line and returns 2."""
     args = build_parser().parse_args(argv)
     try:
+        if args.out:
+            refuse_bundled(args.out)  # before minutes of encoding, not after
         loaded, stats = compute_latent_stats(args.ckpt, args.split, args.cfg, args.overrides,
                                              args.max_maps, args.seed)
-        if not args.no_write:
-            store_latent_stats(loaded, stats)
+        written = store_latent_stats(loaded, stats, args.out) if args.out else None
     except user_errors as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(format_stats(stats, loaded.run.model.scale_factor))
-    print(f"wrote {LATENT_STATS_KEY} into {loaded.path}" if not args.no_write
-          else f"--no-write: {loaded.path} left unchanged")
-    text = json.dumps(stats, indent=2)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+    print(f"wrote {written} ({loaded.path} with {LATENT_STATS_KEY})" if written
+          else f"nothing written: --out FILE stores them in a copy of {loaded.path}")
+    write_json(stats, args.json)
     return 0

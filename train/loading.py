@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Sequence
@@ -14,6 +15,7 @@ from model.autoencoder import AutoencoderKL
 from model.checkpoint import (CheckpointError, load_into, network_state_dict, read_checkpoint,
                               resolve_checkpoint)
 from train.config import RunConfig, load_config
+from runtime.progress import track
 from train.data import RadioMapDataset, build_dataset, build_loader
 
 
@@ -42,7 +44,8 @@ def add_split_arguments(p: argparse.ArgumentParser, split: str) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     p.add_argument("--max-maps", type=positive_int, help="only this many maps, the seeded subset "
                    "spanning the split that validation uses (default: the whole split)")
-    p.add_argument("--json", help="also write the results to this JSON file")
+    p.add_argument("--json", metavar="FILE", help="write the results as JSON to FILE "
+                   "(`-`: to stdout, after the table)")
 
 
 @dataclass
@@ -83,3 +86,20 @@ def split_loader(run: RunConfig, dataset: Dataset) -> DataLoader:
     """An in-order loader over every item of `dataset` (no shuffling, no dropped batch)."""
     return build_loader(dataset, run.batch_size, shuffle=False,
                         num_workers=run.data.num_workers, drop_last=False)
+
+
+def tracked_loader(run: RunConfig, dataset: Dataset, desc: str):
+    """`split_loader`'s batches, with progress in maps (runtime/progress.py)."""
+    return track(split_loader(run, dataset), len(dataset), desc, "maps",
+                 count=lambda batch: len(batch["image"]))
+
+
+def write_json(results: dict, dest: str | None) -> None:
+    """`--json FILE`: the results as JSON in FILE; `-`: on stdout; None: nowhere."""
+    if dest is None:
+        return
+    text = json.dumps(results, indent=2)
+    if dest == "-":
+        print(text)
+    else:
+        Path(dest).write_text(text + "\n")

@@ -25,17 +25,21 @@ from tqdm.auto import tqdm
 
 from model.autoencoder import AutoencoderKL
 from model.checkpoint import (EMA_PREFIX, CheckpointError, latest_checkpoint, load_into,
-                              network_state_dict, read_checkpoint, save_checkpoint)
+                              network_state_dict, read_checkpoint, resolve_checkpoint,
+                              save_checkpoint)
 from model.config import ConfigError
 from model.io import write_png
 from model.losses import LPIPSWithDiscriminator
+from model.lpips import missing_weights
 from runtime.fast_layers import use_fused_attention
+from runtime.progress import log_line
 from train import distributed
 from train.config import RunConfig, TrainerConfig, dump_config
-from train.data import build_dataset, build_loader, validation_subset
+from train.data import DataError, build_dataset, build_loader, validation_subset
 from train.ema import EMA
 from train.evaluate import means_from_sums, metric_sums, sample_grid
 from train.logging import METRICS_FILE, RunLogger
+from train.memory import choose_checkpointing, step_bytes
 from train.schedule import lr_multiplier
 from train.signals import StopRequest
 from train.stream import BatchStream
@@ -46,8 +50,42 @@ CRITIC_PREFIX = LOSS_PREFIX + "discriminator."
 RUN_FILES = ("model-*.pt", "sample-*.png", METRICS_FILE, "events.out.tfevents.*")
 
 
+# Under fp16 an overflow of the adaptive weight's scaled gradients makes these non-finite
+OVERFLOW_TERMS = ("train/d_weight", "train/total_loss")
+
+
 class TrainingDiverged(RuntimeError):
     """A loss term became NaN/Inf; the message names the step, the terms and the last checkpoint."""
+
+
+class MissingInputs(DataError):
+    """What a run needs and cannot find: the data, LPIPS's weight files, model.ckpt_path."""
+
+    def __init__(self, problems: list[str]):
+        numbered = "; ".join(f"({i}) {p}" for i, p in enumerate(problems, 1))
+        super().__init__(problems[0] if len(problems) == 1
+                         else f"{len(problems)} inputs are missing: {numbered}")
+
+
+def gather_inputs(cfg: RunConfig) -> tuple[Dataset, Dataset]:
+    """The train and val datasets, built before anything else is; every input that is missing
+    (the data first, then LPIPS's weight files and model.ckpt_path) in one MissingInputs."""
+    problems, datasets = [], []
+    try:
+        datasets = [build_dataset(cfg.data, split) for split in ("train", "val")]
+    except DataError as err:
+        problems.append(str(err))
+    loss = cfg.model.lossconfig
+    if loss.perceptual_weight > 0:
+        problems += missing_weights(loss.allow_random_lpips)
+    if cfg.model.ckpt_path:
+        try:
+            resolve_checkpoint(cfg.model.ckpt_path)
+        except CheckpointError as err:
+            problems.append(f"model.ckpt_path: {err}")
+    if problems:
+        raise MissingInputs(problems)
+    return datasets[0], datasets[1]
 
 
 def milestone_path(run_dir: Path, milestone: int) -> Path:
@@ -133,6 +171,21 @@ def optimizer_fits(opt: torch.optim.Optimizer, state: object) -> bool:
                if isinstance(t, torch.Tensor) and t.dim() > 0)
 
 
+class Trained(nn.Module):
+    """What the autoencoder's DDP wrapper holds: the network, and `logvar` when it is learned
+    (used by the loss outside forward, it still gets its gradient all-reduced with the rest).
+    Checkpoints keep saving `model` and `loss.logvar` under their own keys."""
+
+    def __init__(self, model: AutoencoderKL, logvar: nn.Parameter | None):
+        super().__init__()
+        self.model = model
+        if logvar is not None:
+            self.logvar = logvar
+
+    def forward(self, *args, **kwargs):
+        return self.model(*args, **kwargs)
+
+
 class Trainer:
     """Builds the model, loss, optimizers and data from a RunConfig and trains it."""
 
@@ -140,6 +193,7 @@ class Trainer:
                  val_set: Dataset | None = None):
         self.cfg = cfg
         self.env = distributed.setup(cfg.trainer.device)
+        self.start_notes: list[str | None] = []  # said once when training starts (rank 0)
         self.device = self.env.device
         check_precision(cfg.trainer, self.device)
         self.run_dir = Path(cfg.trainer.results_folder)
@@ -159,7 +213,7 @@ class Trainer:
         tc = self.cfg.trainer
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = AutoencoderKL.from_config(self.cfg.model).to(self.device)
-        self.model.enable_gradient_checkpointing(tc.gradient_checkpointing)
+        self.model.enable_gradient_checkpointing(self._checkpointing())
         # the same parameters and state-dict keys, laid out for SDPA's fused kernel: a whole
         # 256x256 map's CPU training step 1.57 -> 1.21 s (docs/quality.md)
         use_fused_attention(self.model)
@@ -170,7 +224,22 @@ class Trainer:
                        tc.ema_power, tc.ema_inv_gamma)
         torch.manual_seed(tc.seed + self.env.rank)
         self.noise = torch.Generator(self.device).manual_seed(tc.seed + self.env.rank)
-        self.ae, self.critic = self._wrap(self.model), self._wrap(self.loss.discriminator)
+        # a learned logvar is trained with the autoencoder: inside its DDP wrapper, so that
+        # its gradient is all-reduced with the network's and the ranks keep one value
+        learned = self.cfg.model.lossconfig.learn_logvar
+        self.ae = self._wrap(Trained(self.model, self.loss.logvar if learned else None))
+        self.critic = self._wrap(self.loss.discriminator)
+
+    def _checkpointing(self) -> bool:
+        """trainer.gradient_checkpointing, with 'auto' resolved against the free GPU memory."""
+        tc = self.cfg.trainer
+        params = sum(p.numel() for p in self.model.parameters())
+        needed = step_bytes(self.cfg.model.ddconfig, self.cfg.train_size, self.cfg.batch_size,
+                            autocast_dtype(tc) is not None, params)
+        free = torch.cuda.mem_get_info(self.device)[0] if self.device.type == "cuda" else None
+        on, why = choose_checkpointing(tc.gradient_checkpointing, self.device.type, needed, free)
+        self.start_notes.append(why)
+        return on
 
     def _build_optimizers(self) -> None:
         tc = self.cfg.trainer
@@ -274,13 +343,24 @@ class Trainer:
             if is_upstream_checkpoint(ckpt):
                 return self._warm_start(ckpt, path)
             self._restore(ckpt, path)
+            return self._apply_config_lr()
         except CheckpointError:
             raise
         except (KeyError, RuntimeError, ValueError) as err:
             raise CheckpointError(f"{path}: cannot resume from it (a different lossconfig or "
                                   f"not a trainer checkpoint?): {str(err).splitlines()[0]}"
                                   ) from None
-        return None
+
+    def _apply_config_lr(self) -> str | None:
+        """A resumed run follows this config's trainer.lr: when the checkpoint's schedules were
+        built from another lr, rebuild them at the same position and say so."""
+        saved, lr = self.sched_ae.base_lrs[0], self.cfg.trainer.lr
+        if saved == lr:
+            return None
+        self._schedules_at(self.sched_ae.last_epoch)
+        return (f"trainer.lr is {lr:g} in this config and {saved:g} in the checkpoint: the lr "
+                f"schedules now follow {lr:g} (lr {self.opt_ae.param_groups[0]['lr']:.4g} at "
+                "this step)")
 
     def _restore(self, ckpt: dict, path: str | Path) -> None:
         """This trainer's full state, bit for bit."""
@@ -341,7 +421,8 @@ class Trainer:
 
     def _check_replicas(self) -> None:
         """Under DDP every rank must hold the same weights; a bitwise checksum proves it."""
-        params = list(self.model.parameters()) + list(self.loss.discriminator.parameters())
+        params = [*self.model.parameters(), *self.loss.discriminator.parameters(),
+                  self.loss.logvar]
         total = torch.stack([p.detach().double().sum() for p in params]).sum()
         spread = torch.stack([total, -total])
         distributed.all_reduce(spread, self.env, op="max")
@@ -380,7 +461,8 @@ class Trainer:
             with self.autocast():
                 recon, posterior = self.ae(x, generator=self.noise)
                 loss, log = self.loss.generator_loss(x, recon, posterior, self.step,
-                                                     self.model.get_last_layer())
+                                                     self.model.get_last_layer(),
+                                                     grad_scale=self._grad_scale())
             self.scaler.scale(loss / accum).backward()
         if adversarial:
             if self.env.enabled and not self._critic_synced:
@@ -395,19 +477,41 @@ class Trainer:
             log.update(d_log)
         return log
 
-    def _check(self, log: dict[str, torch.Tensor], stop: StopRequest) -> bool:
-        """Raise if any rank saw a non-finite term; return whether any rank was asked to stop."""
-        flags = torch.stack([~torch.isfinite(v) for v in log.values()]
-                            + [torch.tensor(stop.signum is not None, device=self.device)])
-        flags = distributed.all_reduce(flags.float(), self.env, op="max").tolist()
-        bad = [name for name, flag in zip(log, flags) if flag]
-        if bad:
-            last = latest_checkpoint(self.run_dir)
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            values = ", ".join(f"{n} = {log[n].item()}" for n in bad)
-            raise TrainingDiverged(f"step {self.step}: non-finite loss ({values}); stopped "
-                                   f"before the optimizer step, nothing saved; {kept}")
-        return bool(flags[-1])
+    def _grad_scale(self) -> torch.Tensor | None:
+        """The GradScaler's current scale as a device tensor (no host sync) under fp16, so the
+        adaptive weight's gradients are taken scaled, as backward's are; None otherwise."""
+        if not self.scaler.is_enabled():
+            return None
+        return self.scaler.scale(torch.ones((), device=self.device))
+
+    def _check(self, log: dict[str, torch.Tensor], stop: StopRequest) -> tuple[bool, bool]:
+        """Raise if any rank saw a non-finite term; return whether any rank was asked to stop,
+        and whether (fp16) the adaptive weight's scaled gradients overflowed on any rank, a
+        step the GradScaler must skip rather than a divergence. One host sync and one
+        all-reduce of three flags per step (the guard that keeps a NaN out of the weights);
+        the logged values are reduced only every log_freq steps."""
+        finite = {name: torch.isfinite(v) for name, v in log.items()}
+        overflow = torch.zeros((), dtype=torch.bool, device=self.device)
+        if self.scaler.is_enabled() and "train/d_weight" in log:
+            overflow = ~finite["train/d_weight"]
+            finite.update({name: finite[name] | overflow for name in OVERFLOW_TERMS})
+        bad = ~torch.stack(list(finite.values())).all()
+        flags = torch.stack([bad, overflow,
+                             torch.tensor(stop.signum is not None, device=self.device)])
+        diverged, overflowed, stopping = distributed.all_reduce(flags.float(), self.env,
+                                                                op="max").tolist()
+        if diverged:
+            raise TrainingDiverged(self._divergence(log))
+        return bool(stopping), bool(overflowed)
+
+    def _divergence(self, log: dict[str, torch.Tensor]) -> str:
+        """The message of a non-finite step: this rank's bad terms and the last checkpoint."""
+        bad = [f"{n} = {v.item()}" for n, v in log.items() if not torch.isfinite(v)]
+        values = ", ".join(bad) or "on another process"
+        last = None if self.fresh else latest_checkpoint(self.run_dir)  # not an earlier run's
+        kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+        return (f"step {self.step}: non-finite loss ({values}); stopped before the optimizer "
+                f"step, nothing saved; {kept}")
 
     def _optimizer_step(self, opt: torch.optim.Optimizer) -> None:
         clip = self.cfg.trainer.grad_clip
@@ -428,20 +532,36 @@ class Trainer:
             x = next(stream)["image"].to(self.device, non_blocking=True)
             logs.append(self._micro_step(x, adversarial, micro == tc.gradient_accumulate_every - 1))
         log = {k: torch.stack([entry[k].float() for entry in logs]).mean() for k in logs[0]}
-        stopping = self._check(log, stop)
-        self._optimizer_step(self.opt_ae)
-        if adversarial:
-            self._optimizer_step(self.opt_disc)
+        stopping, overflow = self._check(log, stop)
+        if overflow:  # as GradScaler does with an overflow: no update, a lower scale
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
+        else:
+            self._optimizer_step(self.opt_ae)
+            if adversarial:
+                self._optimizer_step(self.opt_disc)
+        if not overflow and self._scaler_update():  # a skipped step moves neither lr nor EMA
+            self._advance_schedules()
+            self.ema.update()
+        self.step += 1
+        return log, stopping
+
+    def _scaler_update(self) -> bool:
+        """GradScaler.update(); False when it skipped this step's optimizer updates (inf/NaN
+        gradients under fp16: it then lowers the scale). The comparison reads the scale on the
+        host, once per step and under fp16 only, where scaler.step has synced already."""
+        if not self.scaler.is_enabled():
+            return True
+        before = self.scaler.get_scale()
         self.scaler.update()
+        return self.scaler.get_scale() >= before
+
+    def _advance_schedules(self) -> None:
         self.sched_ae.step()
         with warnings.catch_warnings():
             # In phase 1 the critic's lr follows the global step although it does not step
             # (as upstream); torch warns about exactly that.
             warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step")
             self.sched_disc.step()
-        self.ema.update()
-        self.step += 1
-        return log, stopping
 
     # ----- the loop -----------------------------------------------------------------------
     def _log(self, log: dict, logger: RunLogger, bar: tqdm, rate: float) -> None:
@@ -458,10 +578,10 @@ class Trainer:
                  if k in ("train/rec_loss", "train/kl_loss", "train/g_loss", "train/disc_loss")}
         if not bar.disable:
             bar.set_postfix(short, refresh=False)
-        elif self.env.is_main:
-            print(f"step {self.step - 1}/{self.cfg.trainer.train_num_steps} "
-                  + " ".join(f"{k} {v}" for k, v in short.items()) + f" ({rate:.2f} it/s)",
-                  flush=True)
+        elif self.env.is_main:  # off a terminal: one line per log_freq, in the one log format
+            print(log_line(f"train: step {self.step - 1}/{self.cfg.trainer.train_num_steps} "
+                           + " ".join(f"{k} {v}" for k, v in short.items())
+                           + f" ({rate:.2f} it/s)"), flush=True)
 
     def _prepare_run_dir(self) -> None:
         """Rank 0 moves an earlier run aside (a fresh run) and writes config.yaml; all wait."""
@@ -476,16 +596,34 @@ class Trainer:
         self.fresh = False
         distributed.barrier(self.env)
 
+    def start_lines(self) -> list[str]:
+        """What rank 0 says once when training starts: processes, memory choice, traps."""
+        tc = self.cfg.trainer
+        lines = [distributed.describe(self.env), distributed.single_process_note(),
+                 *self.start_notes]
+        if tc.gradient_accumulate_every > 1:
+            k, batch = tc.gradient_accumulate_every, self.cfg.batch_size
+            lines.append(
+                f"note: trainer.gradient_accumulate_every: {k} accumulates {k} micro-batches of "
+                f"{batch} per optimizer step (effective batch {k * batch * self.env.world_size})"
+                f": {k}x the data per step of upstream RadioDiff, whose loop with the same "
+                f"setting steps on one batch of {batch}; set trainer.gradient_accumulate_every=1 "
+                "to match upstream's data per step")
+        return [line for line in lines if line]
+
     def train(self) -> int | None:
         """Train to `train_num_steps`; return the signal number if stopped by one (after saving).
-        A run already at `train_num_steps` returns at once and writes nothing."""
+        A run already at `train_num_steps` returns at once and writes nothing. The results
+        folder is touched (an earlier run moved aside, config.yaml written) only once the first
+        step has run: a run that cannot start leaves it as it was."""
         tc = self.cfg.trainer
         if self.finished:
             return None
-        self._prepare_run_dir()
+        for line in self.start_lines():
+            self.say(line)
         stream = BatchStream(self.train_loader, consumed=self.step * tc.gradient_accumulate_every)
         self._restore_rng()
-        logger = RunLogger(self.run_dir, enabled=self.env.is_main, start_step=self.step)
+        logger: RunLogger | None = None
         bar = tqdm(total=tc.train_num_steps, initial=self.step, desc="train", dynamic_ncols=True,
                    disable=not (self.env.is_main and sys.stderr.isatty()))
         self.model.train()
@@ -495,6 +633,8 @@ class Trainer:
             with StopRequest() as stop:
                 while self.step < tc.train_num_steps:
                     log, stopping = self.train_step(stream, stop)
+                    if logger is None:  # the first step ran: this run is known to start
+                        logger = self._open_run_dir()
                     bar.update(1)
                     if (self.step - 1) % tc.log_freq == 0:
                         now = time.perf_counter()
@@ -510,4 +650,11 @@ class Trainer:
                 return None
         finally:
             bar.close()
-            logger.close()
+            if logger is not None:
+                logger.close()
+
+    def _open_run_dir(self) -> RunLogger:
+        """The results folder made ready (_prepare_run_dir) and its logger."""
+        start = self.step - 1  # the step just taken is logged into the folder
+        self._prepare_run_dir()
+        return RunLogger(self.run_dir, enabled=self.env.is_main, start_step=start)

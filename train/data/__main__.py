@@ -28,6 +28,8 @@ def synth(args: argparse.Namespace) -> None:
 
 
 def raytrace(args: argparse.Namespace) -> None:
+    from runtime.progress import log_line
+
     from .raytrace import Generation, Geometry, generate
     from .sionna_backend import load_sionna_rt
     from .splits import split_map_ids
@@ -45,7 +47,8 @@ def raytrace(args: argparse.Namespace) -> None:
           f"{args.samples:.0e} rays per transmitter) with Sionna RT {rt.__version__} on "
           f"{mitsuba.variant()} into {args.out}", flush=True)
     start = time.perf_counter()
-    summary = generate(args.out, sorted(ids), generation, log=lambda m: print(m, flush=True))
+    summary = generate(args.out, sorted(ids), generation,
+                       log=lambda m: print(log_line(m), flush=True))
     per_map = ", ".join(f"{n} {s:.1f} s" for n, s in summary["seconds_per_map"].items())
     print(f"done in {time.perf_counter() - start:.0f} s: {summary['generated']} cities "
           f"generated, {summary['kept']} kept (finished and verified); per city, median: "

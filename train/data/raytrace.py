@@ -24,6 +24,7 @@ import numpy as np
 
 from model.io import GAIN_MAX_DB, GAIN_MIN_DB, write_png
 from model.manifest import sha256_file, write_json_atomic
+from runtime.progress import status
 
 from .extrude import ground_mesh, receiver_cells, wall_mesh, write_ply
 from .sionna_backend import load_sionna_rt
@@ -243,6 +244,7 @@ def generate(out: str | Path, map_ids: list[int], generation: Generation, log=pr
     out = Path(out)
     _check_manifest(out, generation)
     kept, done, seconds = 0, 0, {name: [] for name in generation.simulations}
+    start = time.monotonic()
     for i, map_id in enumerate(map_ids, 1):
         if is_complete(out, map_id, generation):
             kept += 1
@@ -251,6 +253,7 @@ def generate(out: str | Path, map_ids: list[int], generation: Generation, log=pr
             seconds[name].append(s)
         done += 1
         took = ", ".join(f"{n} {s[-1]:.1f} s" for n, s in seconds.items())
-        log(f"map {map_id} ({i}/{len(map_ids)}): {generation.num_tx} transmitters, {took}")
+        log(f"map {map_id}: {generation.num_tx} transmitters, {took}; "
+            + status("raytrace", i, len(map_ids), "cities", time.monotonic() - start))
     return {"kept": kept, "generated": done,
             "seconds_per_map": {n: float(np.median(s)) for n, s in seconds.items() if s}}
