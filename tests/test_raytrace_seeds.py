@@ -1,0 +1,21 @@
+"""bench/raytrace_seeds.py: the four comparisons of one map by hand."""
+import numpy as np
+import pytest
+
+from bench.raytrace_seeds import map_figures
+
+
+def test_seed_to_seed_and_averaged_targets_by_hand():
+    buildings = np.zeros((16, 16), dtype=bool)
+    buildings[:4, :4] = True
+    traces = [np.full((16, 16), v) for v in (0.5, 0.6, 0.7)]
+    recons = [np.full((16, 16), 0.6)] * 3  # a VAE that always outputs the seeds' mean
+    f = map_figures(traces, recons, buildings)
+    # pairs (0.1, 0.2, 0.1 apart): PSNR 20, 13.98, 20 dB
+    assert f["tracer"]["psnr"] == pytest.approx((20 + 20 * np.log10(1 / 0.2) + 20) / 3, abs=1e-4)
+    # seed k vs the mean of the others: 0.5 vs 0.65, 0.6 vs 0.6 (inf excluded below), 0.7 vs 0.55
+    f2 = map_figures(traces[::2], recons[:2], buildings)  # two seeds: 0.5 and 0.7
+    assert f2["tracer_vs_average"]["psnr"] == pytest.approx(20 * np.log10(1 / 0.2), abs=1e-4)
+    assert f2["vae"]["psnr"] == pytest.approx(20.0, abs=1e-4)  # 0.6 vs 0.5 and vs 0.7
+    assert f2["vae_vs_average"]["psnr"] == pytest.approx(20.0, abs=1e-4)  # vs 0.7 and vs 0.5
+    assert f2["vae"]["rmse_db"] == pytest.approx(10.0, abs=1e-4)  # 0.1 gray = 10 dB
