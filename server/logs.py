@@ -2,21 +2,14 @@
 from __future__ import annotations
 
 import logging
-import sys
 
-from runtime.progress import LOG_FORMAT
+from runtime.progress import configure_logging as configure_loggers
 
 LOGGER = "radiodiff.server"
 
 
 def configure_logging(level: str) -> logging.Logger:
-    """The server's logger, and runtime/'s (the inference decision, autotune's table), in the
-    one format (runtime/progress.py LOG_FORMAT)."""
-    for name in (LOGGER, "runtime"):
-        logger = logging.getLogger(name)
-        if not logger.handlers:
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter(LOG_FORMAT))
-            logger.addHandler(handler)
-        logger.setLevel(level.upper())
+    """The server's logger, and runtime/'s (the inference decision, autotune's table), on
+    stderr in the one format (runtime/progress.py)."""
+    configure_loggers((LOGGER, "runtime"), getattr(logging, level.upper()))
     return logging.getLogger(LOGGER)
