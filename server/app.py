@@ -175,17 +175,19 @@ class RadioDiffServer(AdaptedLitServer):
             if self._stopped:
                 return
             self._stopped = True
-        logger.info("shutting down: in-flight requests get up to %.0f s",
-                    self.uvicorn_graceful_timeout)
+        # Without the queue process no answer can reach a client: nothing to drain for.
+        drain = self.uvicorn_graceful_timeout if _alive(self.queue_pid) else 0.0
+        logger.info("shutting down: in-flight requests get up to %.0f s", drain)
         stop_listening(self.settings.port)
         for process in uvicorn_workers.values():  # SIGTERM: uvicorn stops accepting and drains
-            _stop(process, self.uvicorn_graceful_timeout + 2)
+            _stop(process, drain + 2)
         for api in self.litapi_connector:
             queue = self.request_queue(api.api_path)
             for _ in self.worker_devices(api.api_path):
                 _quietly(queue.put, STOP_SENTINEL)
         for process in getattr(self, "inference_workers", []):
-            process.join(WORKER_STOP_TIMEOUT)  # they ignore SIGTERM: the sentinel stops them
+            # they ignore SIGTERM: the sentinel stops them (none reaches them without a queue)
+            process.join(WORKER_STOP_TIMEOUT if drain else 0.1)
             if process.is_alive():
                 logger.warning("worker pid %s did not stop; killing it", process.pid)
                 process.kill()
@@ -314,6 +316,17 @@ def _version(name: str) -> Optional[str]:
         return metadata.version(name)
     except metadata.PackageNotFoundError:
         return None
+
+
+def _alive(pid: Optional[int]) -> bool:
+    """Whether process `pid` (a child of this one) still runs; True when unknown."""
+    if pid is None:
+        return True
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return not os.path.isdir("/proc/self")  # no /proc: unknown
+    return state != "Z"
 
 
 def stop_listening(port: int) -> None:

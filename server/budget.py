@@ -44,11 +44,12 @@ class Budget:
 
     def pass_cost(self, megapixels: float) -> float:
         """Warm-up-speed megapixels of one pass: interpolated between the two warm-ups;
-        beyond the larger one it grows on (never extrapolated cheaper)."""
+        beyond the larger one it grows on, and is never cheaper than at the warm-up."""
         above = max(megapixels - self.reference, 0.0)
-        if self.growth < 0:
-            above = min(above, max(self.measured_to - self.reference, 0.0))
-        return megapixels * (1.0 + self.growth * above)
+        factor = 1.0 + self.growth * above
+        if megapixels > self.measured_to:  # unmeasured: never cheaper than the warm-up's pixel
+            factor = max(factor, 1.0)
+        return megapixels * factor
 
 
 UNLIMITED = Budget(float("inf"))

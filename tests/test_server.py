@@ -618,9 +618,10 @@ def concurrent_batches(server: Server, path: str, body: bytes,
 
 
 def test_batches_are_formed_under_the_budget(server):
-    body = encode_npy(_maps(4, size=128, seed=41))  # 0.066 MP: two would pass the budget
+    maps = int(MAX_COST // priced(server, "/encode", 128))  # fits the budget; two would not
+    body = encode_npy(_maps(maps, size=128, seed=41))
     answers, count, total = concurrent_batches(server, "/encode", body, 3)
-    assert all(z.shape == (4, 3, 32, 32) for z in answers)
+    assert all(z.shape == (maps, 3, 32, 32) for z in answers)
     assert total == 3 and count == 3, "requests over the budget together shared a batch"
 
 
