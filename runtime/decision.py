@@ -32,6 +32,7 @@ from typing import Any, Iterator, Optional
 import torch
 
 from model.autoencoder import AutoencoderKL
+from model.manifest import write_json_atomic
 
 from . import machine
 from .autotune import (ACCURATE_DB, REFERENCE, Choice, Measured, autotune, candidates, log_row,
@@ -210,31 +211,38 @@ def _read(key: dict[str, Any]) -> Optional[Decision]:
 
 def _write(decision: Decision) -> None:
     path = _file(decision.key)
-    doc = {"key": decision.key, "request": decision.request, "paths": decision.paths,
-           "measured_on": decision.measured_on, "seconds": decision.seconds,
-           "rows": {p: asdict(r) for p, r in decision.rows.items()},
+    doc = {"key": json.loads(json.dumps(decision.key, default=str)), "request": decision.request,
+           "paths": decision.paths, "measured_on": decision.measured_on,
+           "seconds": decision.seconds, "rows": {p: asdict(r) for p, r in decision.rows.items()},
            "table": None if decision.table is None else [asdict(m) for m in decision.table]}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        tmp.replace(path)
+        write_json_atomic(path, doc)
         decision.file = str(path)
     except OSError as err:  # read-only: the decision holds for this process only
         logger.warning("inference path: cannot record the decision in %s: %s (other processes "
                        "will measure their own, and may compute other bits)", path.parent, err)
 
 
-@contextlib.contextmanager
-def _locked(key: dict[str, Any]) -> Iterator[None]:
-    """Hold the key's lock file: processes starting together (one server worker per endpoint,
-    replicas) measure one at a time, so the first measures on quiet cores and the rest read."""
-    path = _file(key).with_suffix(".lock")
+def _locked(key: dict[str, Any]) -> contextlib.AbstractContextManager:
+    """Processes starting together (one server worker per endpoint, replicas) measure one at
+    a time, so the first measures on quiet cores and the rest read."""
+    path = _file(key)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        pass  # an unwritable cache: file_lock goes without
+    return file_lock(path.with_suffix(".lock"))
+
+
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `path` for the duration (without one where it cannot be
+    opened: an unwritable cache then has no lock and no shared record either)."""
+    try:
         handle = open(path, "w")
     except OSError:
-        yield  # an unwritable cache: no lock and no file
+        yield
         return
     with handle:
         fcntl.flock(handle, fcntl.LOCK_EX)

@@ -10,14 +10,14 @@ and restart on the machine reads it and budgets from the same figure. Without a 
 """
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Callable, Optional
+
+from model.manifest import write_json_atomic
+from runtime.decision import file_lock
 
 from .logs import LOGGER
 
@@ -30,7 +30,7 @@ def recorded(path: Optional[Path], entry: str, measure: Callable[[], Speed]) -> 
     the file's lock, so that workers starting together measure one at a time)."""
     if path is None:
         return {**measure(), "source": "measured"}
-    with _locked(path):
+    with file_lock(path.with_suffix(".lock")):
         records = _read(path)
         if entry in records:
             return {**records[entry], "source": f"recorded in {path}"}
@@ -50,21 +50,7 @@ def _read(path: Path) -> dict:
 
 def _write(path: Path, records: dict) -> None:
     try:
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(records, indent=1) + "\n")
-        tmp.replace(path)
+        write_json_atomic(path, records)
     except OSError as err:
         logger.warning("cannot record the measured speed in %s: %s (each start measures)",
                        path, err)
-
-
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    try:
-        handle = open(path.with_suffix(".lock"), "w")
-    except OSError:
-        yield
-        return
-    with handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        yield

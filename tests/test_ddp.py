@@ -22,11 +22,7 @@ def test_two_process_gloo_run_trains_and_only_rank0_writes(tmp_path):
     raw["trainer"]["gradient_accumulate_every"] = 2  # and no_sync on the first micro-batch
     cfg = tmp_path / "ddp.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "train", "--cfg", str(cfg)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun_two_ranks(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("done: 4 steps") == 1  # rank 0 alone reports
     run_dir = tmp_path / "run"
@@ -54,13 +50,18 @@ def test_two_process_gloo_run_keeps_a_learned_logvar_equal_on_both_ranks(tmp_pat
     raw["model"]["lossconfig"]["learn_logvar"] = True
     cfg = tmp_path / "logvar.yaml"
     cfg.write_text(yaml.safe_dump(raw))
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "train", "--cfg", str(cfg)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = _torchrun_two_ranks(cfg)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "DDP: 2 processes, gloo backend, one cpu device each" in proc.stdout
     logvars = [float(read_checkpoint(tmp_path / "run" / f"model-{m}.pt")["model"]["loss.logvar"])
                for m in (1, 2)]
     assert 0.0 != logvars[0] != logvars[1]  # it was learned, and checked equal at each save
+
+
+def _torchrun_two_ranks(cfg) -> subprocess.CompletedProcess:
+    """`python -m train --cfg cfg` on two gloo ranks under torchrun, one thread each."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "train", "--cfg", str(cfg)],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

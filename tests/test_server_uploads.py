@@ -111,11 +111,8 @@ def test_without_a_low_limit_every_held_upload_costs_its_body(tmp_path):
 def test_a_client_that_leaves_mid_upload_is_a_499_line_and_counter_not_a_bug(tmp_path):
     """Before: logged as "bug: ... raised" with a traceback and counted as a server error."""
     save_tiny_checkpoint(tmp_path)
-    head = (f"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: {NPY}\r\n"
-            f"Content-Length: 100000\r\n\r\n").encode()
     with running_server(tmp_path, ["--log-level", "info"], {}) as (url, port, proc, log):
-        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
-            sock.sendall(head + b"\x93NUMPY" + b"\0" * 1000)
+        with _partial_upload(port, 100000, b"\x93NUMPY" + b"\0" * 1000):
             time.sleep(0.5)  # the server is reading the body
         deadline = time.monotonic() + 20
         counter = 'radiodiff_rejections_total{endpoint="/encode",reason="disconnected_upload"}'
@@ -132,12 +129,17 @@ def test_a_client_that_leaves_mid_upload_is_a_499_line_and_counter_not_a_bug(tmp
 
 def test_a_body_slower_than_the_body_timeout_gets_408(tmp_path):
     save_tiny_checkpoint(tmp_path)
-    head = (f"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: {NPY}\r\n"
-            f"Content-Length: 1000\r\n\r\n").encode()
     with running_server(tmp_path, ["--body-timeout", "1"], {}) as (url, port, proc, log):
-        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
-            sock.sendall(head + b"\x93NUMPY")  # then nothing: a slow (or stuck) upload
+        with _partial_upload(port, 1000, b"\x93NUMPY") as sock:  # then nothing: a stuck upload
             answer = read_response(sock)
         counts = requests.get(url + "/metrics", timeout=10).text
     assert answer.startswith(b"HTTP/1.1 408") and b"--body-timeout" in answer, answer[:300]
     assert 'reason="slow_upload"} 1.0' in counts
+
+
+def _partial_upload(port: int, length: int, sent: bytes) -> socket.socket:
+    """A connection that declared a `length`-byte /encode body and sent only `sent` of it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=15)
+    sock.sendall(f"POST /encode HTTP/1.1\r\nHost: x\r\nContent-Type: {NPY}\r\n"
+                 f"Content-Length: {length}\r\n\r\n".encode() + sent)
+    return sock
