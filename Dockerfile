@@ -78,6 +78,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY model/ model/
 COPY runtime/ runtime/
+COPY radiomaps/ radiomaps/
 COPY train/ train/
 COPY export/ export/
 COPY server/ server/

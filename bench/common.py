@@ -18,10 +18,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import load_autoencoder
 from model.config import ModelConfig
+from model.loading import load
+from model.run_config import load_config
 from runtime.machine import cpu_flags, cpu_model
-from train.config import load_config
 
 MEASUREMENTS = Path(__file__).resolve().parent / "measurements"
 # Dense (no sparsity) tensor-core peaks from the vendors' datasheets, FLOP/s.
@@ -165,7 +165,7 @@ def build_model(config: str | None, ckpt: str | None, seed: int = 0
     given), else the config's network with seeded random weights (speed does not depend on
     the values). Returns it and a line saying where it came from."""
     if ckpt:
-        return load_autoencoder(ckpt, config=config), f"checkpoint {ckpt}"
+        return load(ckpt, config=config).model, f"checkpoint {ckpt}"
     config = config or DEFAULT_CONFIG
     cfg: ModelConfig = load_config(config).model
     torch.manual_seed(seed)
@@ -173,8 +173,8 @@ def build_model(config: str | None, ckpt: str | None, seed: int = 0
 
 
 def synthetic_maps(count: int, height: int, width: int, seed: int = 42) -> torch.Tensor:
-    """[count, 1, H, W] synthetic radio maps in the network's [-1, 1] (train.data.synthetic)."""
-    from train.data.synthetic import SyntheticRadioMaps
+    """[count, 1, H, W] synthetic radio maps in the network's [-1, 1] (radiomaps.synthetic)."""
+    from radiomaps.synthetic import SyntheticRadioMaps
 
     maps = SyntheticRadioMaps(list(range(1, count + 1)), num_tx=1, image_size=[height, width],
                               seed=seed)

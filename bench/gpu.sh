@@ -10,9 +10,9 @@ out=${1:-bench/measurements}
 mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 py=${PYTHON:-python3}
-eager=baseline,default,channels_last,fused_attention,bf16,fp16
+eager=baseline,auto,channels_last,fused_attention,bf16,fp16
 eager+=,bf16+channels_last+fused_attention,fp16+channels_last+fused_attention
-compiled=baseline,default,cuda_graphs+bf16+channels_last
+compiled=baseline,auto,cuda_graphs+bf16+channels_last
 compiled+=,compile+fp16+channels_last+fused_attention
 compiled+=,cuda_graphs+fp16+channels_last+fused_attention
 
@@ -23,7 +23,7 @@ timeout 200 $py -m bench.model --ops reconstruct --batch 32 --repeats 5 --compil
     --paths "$compiled" \
     --json "$out/model-gpu-b32-compile.json" 2>&1 | tee "$out/model-gpu-b32-compile.txt"
 timeout 90 $py -m bench.model --ops encode,decode --batch 1,64 --repeats 5 \
-    --paths baseline,default,bf16+channels_last+fused_attention \
+    --paths baseline,auto,bf16+channels_last+fused_attention \
     --json "$out/model-gpu.json" 2>&1 | tee "$out/model-gpu.txt"
 timeout 380 $py -m bench.train --phases 1,2 --precisions tf32,bf16,bf16+checkpointing \
     --steps 3 --warmup 1 --timeout 60 \

@@ -50,7 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=parse_ints, help="batch sizes (default 1,4,16; GPU 1,4,16,64)")
     p.add_argument("--ops", default=",".join(OPS), help="comma-separated subset of %(default)s")
     p.add_argument("--paths", help=f"comma-separated paths (default: all that apply here). "
-                                   f"CPU: {', '.join(CPU_PATHS)}. GPU: {', '.join(GPU_PATHS)}")
+                                   f"CPU: {', '.join(CPU_PATHS)}. GPU: {', '.join(GPU_PATHS)}. "
+                                   "Also: default (runtime's neutral baseline, plain fp32)")
     p.add_argument("--compile", action="store_true",
                    help="include the torch.compile paths (tens of seconds to compile)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -87,7 +88,7 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
     args.device = torch.device(args.device)
     if args.device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no CUDA device is available to torch here")
-    known = GPU_PATHS if args.device.type == "cuda" else CPU_PATHS
+    known = (*(GPU_PATHS if args.device.type == "cuda" else CPU_PATHS), "default")
     if args.paths:
         args.paths = [p.strip() for p in args.paths.split(",") if p.strip()]
         bad = [p for p in args.paths if p not in known and not _options_name(p)]

@@ -16,8 +16,9 @@ from typing import Callable
 import torch
 
 from model.autoencoder import AutoencoderKL
-from runtime.autotune import autotune, options_for
-from runtime.inference import prepare_for_inference
+from runtime.autotune import options_for
+from runtime.decision import Decision, PathRequest, choose, engines
+from runtime.inference import InferenceModel, prepare_for_inference
 from runtime.machine import native_bf16
 
 Fn = Callable[[torch.Tensor], torch.Tensor]
@@ -69,11 +70,12 @@ def plain(model: AutoencoderKL, device: torch.device) -> Runner:
 
 
 def fast(name: str, model: AutoencoderKL, device: torch.device,
-         options: dict[str, object] | None) -> Runner:
-    """A runtime/inference.py path with exactly `options` (every InferenceOptions field), or
-    with the device's defaults (`options` None: what `prepare_for_inference(model, device)`
-    gives)."""
-    prepared = prepare_for_inference(copy.deepcopy(model), device, **(options or {}))
+         options: dict[str, object]) -> Runner:
+    """A runtime/inference.py path with exactly `options` (InferenceOptions fields)."""
+    return _runner(name, prepare_for_inference(copy.deepcopy(model), device, **options))
+
+
+def _runner(name: str, prepared: InferenceModel) -> Runner:
     # onednn_bf16 keeps fp32 tensors but computes its convolutions in bf16: the bf16 peak applies
     precision = "bf16" if prepared.options.onednn_bf16 else prepared.options.precision
     return Runner(name, lambda x: prepared.encode(x).mean.cpu(),
@@ -177,13 +179,15 @@ def diffusers_peer(model: AutoencoderKL, device: torch.device, workdir: Path) ->
 
 BENCH_TUNING_S = 1800.0  # a benchmark measures every candidate (a server start is bounded)
 
-# "default" is prepare_for_inference's choice for the device, "auto" what runtime/autotune.py
-# measures as the fastest accurate path here; the others name their options.
-CPU_PATHS = ("baseline", "default", "auto", "channels_last", "winograd", "matmul_1x1",
+# "auto" is what runtime.decision.choose() measures as the fastest accurate path here (the
+# server's --path auto), "default" its neutral baseline (plain fp32 through runtime/, as
+# "baseline" but for the InferenceModel wrapper: not a row unless asked for); the others name
+# their options.
+CPU_PATHS = ("baseline", "auto", "channels_last", "winograd", "matmul_1x1",
              "fused_attention", "reuse_memory", "bf16", "compile",
              "compile+matmul_1x1+fused_attention+reuse_memory", "onnx-cpu", "openvino-f32",
              "openvino-bf16", "diffusers")
-GPU_PATHS = ("baseline", "default", "auto", "channels_last", "fused_attention", "bf16", "fp16",
+GPU_PATHS = ("baseline", "auto", "channels_last", "fused_attention", "bf16", "fp16",
              "bf16+channels_last+fused_attention", "fp16+channels_last+fused_attention",
              "compile", "compile+bf16+channels_last", "compile+fp16+channels_last+fused_attention",
              "cuda_graphs+bf16+channels_last", "cuda_graphs+fp16+channels_last+fused_attention",
@@ -204,12 +208,13 @@ def default_paths(device: torch.device, with_compile: bool) -> list[str]:
     return paths
 
 
-def _auto(choice, model: AutoencoderKL, device: torch.device) -> Runner:
-    """The autotuner's choice, per operation: encode on the encoder's path, decode on the
-    decoder's (the server runs each endpoint on its own)."""
-    encoder = fast("encode", model, device, choice.options("encode"))
-    decoder = fast("decode", model, device, choice.options("decode"))
-    paths = {op: choice.path_for(op) for op in ("encode", "decode")}
+def _auto(decision: Decision, model: AutoencoderKL, device: torch.device) -> Runner:
+    """The decision's paths, per operation: encode on the encoder's path, decode on the
+    decoder's, each with its recorded kernel choices (the server runs each endpoint on its
+    own)."""
+    prepared = engines(decision, copy.deepcopy(model), device)
+    encoder, decoder = (_runner(op, prepared[op]) for op in ("encode", "decode"))
+    paths = decision.paths
     name = ("auto=" + paths["encode"] if len(set(paths.values())) == 1 else
             f"auto=enc:{paths['encode']},dec:{paths['decode']}")
     return Runner(name, encoder.encode, decoder.decode, reuse_memory=encoder.reuse_memory
@@ -219,11 +224,14 @@ def _auto(choice, model: AutoencoderKL, device: torch.device) -> Runner:
 def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads: int,
                  onnx_dir: str | None, workdir: Path, size: tuple[int, int]) -> Runner:
     """The runner for path `name`, its setup time recorded (export, conversion, loading,
-    measuring: "auto" measures afresh, its cache unused, so its setup time is the tuning's)."""
+    measuring: "auto" measures afresh, no decision file read or written, so its setup time is
+    the tuning's)."""
     start = time.perf_counter()
-    if name == "auto":
-        choice = autotune(model, device, size, budget_s=BENCH_TUNING_S)
-        runner = _auto(choice, model, device)
+    if name in ("auto", "default"):
+        request = PathRequest(size, name, budget_s=BENCH_TUNING_S, record=False)
+        runner = _auto(choose(model, device, request), model, device)
+        if name == "default":
+            runner.name = "default"
     elif name == "baseline":
         runner = plain(model, device)
     elif name == "diffusers":
@@ -233,7 +241,7 @@ def build_runner(name: str, model: AutoencoderKL, device: torch.device, threads:
     elif name in ("openvino-f32", "openvino-bf16"):
         runner = openvino(name, model, threads, onnx_dir, workdir)
     else:
-        runner = fast(name, model, device, None if name == "default" else options_for(name))
+        runner = fast(name, model, device, options_for(name))
     runner.setup_s = time.perf_counter() - start
     return runner
 

@@ -4,7 +4,7 @@
 
 For each city, each setting and each ray count, the same transmitter is traced with two
 ray-tracer seeds; the noise is the RMS dB difference between the two maps over outdoor pixels
-lit in both (train/data/raytrace.py seed_noise_db), also over those above -107 dB (40 dB
+lit in both (radiomaps/raytrace.py seed_noise_db), also over those above -107 dB (40 dB
 over the floor) in both; `lit` is the share of outdoor pixels that a path reaches. Writes bench/measurements/raytrace.json and prints a table.
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import MEASUREMENTS, machine, markdown_table, parse_ints, write_json
-from train.data.raytrace import SIMULATIONS, Geometry, raytrace_city, seed_noise_db, write_scene
-from train.data.sionna_backend import load_sionna_rt
-from train.data.synthetic import city, place_transmitter
+from radiomaps.raytrace import SIMULATIONS, Geometry, raytrace_city, seed_noise_db, write_scene
+from radiomaps.sionna_backend import load_sionna_rt
+from radiomaps.synthetic import city, place_transmitter
 
 
 def measure(map_id: int, name: str, samples: int, folder: Path, seed: int = 42) -> dict:

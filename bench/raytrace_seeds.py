@@ -3,7 +3,7 @@
     python -m bench.raytrace_seeds --roots results/rt-seeds/trace0,results/rt-seeds/trace1,\
 results/rt-seeds/trace2 --simulation IRT2 --ckpt reference --json OUT.json
 
-The roots are `python -m train.data raytrace` folders of the same cities and transmitters
+The roots are `python -m radiomaps raytrace` folders of the same cities and transmitters
 traced with different `--trace-seed`s. Per map, all on [0, 1] maps at native size, under this
 project's metrics and RadioDiff's definitions (model/literature_metrics.py):
 - tracer: seed a against seed b, over every pair (what the target itself varies by);
@@ -22,9 +22,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from model.checkpoint import load_autoencoder
 from model.io import from_model, read_png, to_model
 from model.literature_metrics import definition_metrics
+from model.loading import load
 from model.metrics import per_sample_metrics
 
 FIGURES = ("psnr", "ssim", "rmse_db", "radiodiff_psnr", "radiodiff_ssim")
@@ -61,7 +61,7 @@ def reconstruct(model: torch.nn.Module, x: np.ndarray) -> np.ndarray:
 
 
 def run(roots: list[Path], simulation: str, ckpt: str) -> dict:
-    model = load_autoencoder(ckpt).eval()
+    model = load(ckpt).model
     names = sorted(set.intersection(*[{p.stem for p in (r / "gain" / simulation).glob("*.png")}
                                       for r in roots]))
     if not names:

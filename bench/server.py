@@ -34,7 +34,7 @@ from model.autoencoder import AutoencoderKL
 from model.checkpoint import save_checkpoint
 from model.config import to_dict
 from model.io import encode_npy, to_model
-from train.config import load_config
+from model.run_config import load_config
 
 from .common import (MEASUREMENTS, machine, markdown_table, median_time, parse_ints,
                      synthetic_maps, write_json)

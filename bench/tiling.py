@@ -6,8 +6,10 @@
 Maps are synthetic cities generated at SIZE x SIZE (1 m pixels). Each reconstruction runs in
 its own process (so its peak RSS is its own); errors are against the ground truth, and, when
 both ran, tiled against untiled. `seam` is the band of pixels within `--band` of an inner tile
-edge, where blended tiles meet; `rest` is every other pixel. Writes
-bench/measurements/tiling-SIZE.json and prints a table.
+edge, where blended tiles meet; `rest` is every other pixel. The network runs as the plain fp32
+network (`prepare_for_inference` with no options, the same on every machine): what is measured
+is tiling, not a machine's fastest path. Writes bench/measurements/tiling-SIZE.json and prints
+a table.
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from runtime.tiling import Tiler, seam_band
 
 def city_map(size: int, seed: int) -> np.ndarray:
     """A synthetic radio map [size, size] in [0, 1]."""
-    from train.data.synthetic import path_gain, place_transmitter, random_city
+    from radiomaps.synthetic import path_gain, place_transmitter, random_city
     rng = np.random.default_rng([seed, size])
     buildings = random_city(rng, size)
     return path_gain(buildings, place_transmitter(rng, buildings))
@@ -37,11 +39,11 @@ def city_map(size: int, seed: int) -> np.ndarray:
 
 def reconstruct_one(args: argparse.Namespace) -> None:
     """Child process: reconstruct one map, save it, print seconds and peak RSS as JSON."""
-    from model.checkpoint import load_autoencoder
+    from model.loading import load
     from runtime.inference import prepare_for_inference
     torch.set_num_threads(args.threads)
     x = torch.from_numpy(city_map(args.size, args.seed))[None, None] * 2 - 1
-    engine = prepare_for_inference(load_autoencoder(args.ckpt).eval(), "cpu")
+    engine = prepare_for_inference(load(args.ckpt).model, "cpu")
     if args.overlap >= 0:
         engine.enable_tiling(args.tile, args.overlap)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss

@@ -77,7 +77,7 @@ def _overrides(args: argparse.Namespace, phase: int, variant: str, run_dir: str)
 
 def measure_one(args: argparse.Namespace, phase: int, precision: str) -> dict:
     """In this process: build the Trainer, run warm-up and timed steps, report peak memory."""
-    from train.config import load_config
+    from model.run_config import load_config
     from train.signals import StopRequest
     from train.stream import BatchStream
     from train.trainer import Trainer

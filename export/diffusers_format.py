@@ -83,7 +83,7 @@ def diffusers_state_dict(ae: AutoencoderKL) -> dict[str, torch.Tensor]:
 
 def diffusers_config(ae: AutoencoderKL, scaling: dict | None = None) -> dict:
     """diffusers' AutoencoderKL config.json for this network, with the latent scaling of
-    model.checkpoint.latent_scaling (default: the config's); refuses what it cannot express."""
+    model.loading.latent_scaling (default: the config's); refuses what it cannot express."""
     dd = ae.ddconfig
     if dd.attn_resolutions:
         raise DiffusersFormatError(

@@ -8,11 +8,12 @@ exactly once whatever W is. (Training's DistributedSampler pads the last round b
 items, which here would encode maps twice.) A finished shard (its receipt exists and its
 SHA-256 matches) is kept on a rerun; rank 0 writes index.json once all shards are there.
 
-The inference path (`--path`, as the server's) is decided once, by rank 0 of the job's first
-run, and recorded in job.json: every rank and every resume runs that path, so a resumed or
-sharded job writes the bytes one uninterrupted run writes (at the same thread count: oneDNN
-may split its sums by thread). Paths whose kernels are chosen by timing (Winograd) are never
-taken: two processes could time differently and round differently.
+The inference path (`--path`, as the server's) is chosen by runtime.decision.choose() (this
+module only builds the request), once, by rank 0 of the job's first run, and recorded in
+job.json: every rank and every resume runs that path, so a resumed or sharded job writes the
+bytes one uninterrupted run writes (at the same thread count: oneDNN may split its sums by
+thread). The request is reproducible: paths whose kernels are chosen by timing (Winograd) are
+never taken, since two processes could time differently and round differently.
 """
 from __future__ import annotations
 
@@ -26,16 +27,15 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Subset
 
-from model.checkpoint import CheckpointError, latent_scaling
+from model.checkpoint import CheckpointError
 from model.config import ConfigError
-from model.manifest import sha256_file, write_json_atomic
-from runtime.autotune import options_for, timing_dependent
-from runtime.decision import PathRefused, decide
-from runtime.inference import default_options
+from model.manifest import write_json_atomic
+from model.run_config import load_run
+from radiomaps import DataError, whole_maps
+from runtime import distributed
+from runtime.arguments import non_negative_float, positive_int
+from runtime.decision import PathRefused, PathRequest, PathRequestError, choose
 from runtime.progress import Progress, configure_logging
-from train import distributed
-from train.data import DataError
-from train.loading import load_checkpoint_run, non_negative_float, positive_int, whole_maps
 
 from .latent_shards import FORMAT, INDEX, finished_receipt, write_shard
 
@@ -49,35 +49,17 @@ class LatentsJobError(ValueError):
 def _job_description(args: argparse.Namespace, loaded, dataset) -> dict:
     """What decides the shards' content: a rerun must match it."""
     return {"format": FORMAT, "checkpoint": str(loaded.path),
-            "checkpoint_sha256": sha256_file(loaded.path), "weights": loaded.weights,
+            "checkpoint_sha256": loaded.sha256, "weights": loaded.weights,
             "split": args.split, "data": asdict(loaded.run.data), "store": args.store,
             "seed": args.seed if args.store == "sample" else None,
             "shard_size": args.shard_size, "count": len(dataset)}
 
 
-def _pinned_path(requested: str, device: torch.device) -> str | None:
-    """--path as a path name; None for 'auto' (measured when the job starts, else the held)."""
-    if requested == "auto":
-        return None
-    name = (replace(default_options(device), winograd=False).describe()
-            if requested == "default" else requested)
-    try:
-        options_for(name)
-    except ValueError as err:
-        raise LatentsJobError(f"--path {requested}: {err}") from None
-    if timing_dependent(name):
-        raise LatentsJobError(f"--path {requested}: Winograd picks its kernel per layer by "
-                              f"timing, so shards would depend on timing; name a path "
-                              f"without winograd")
-    return name
-
-
-def _measured_path(loaded, dataset, budget_s: float) -> str:
-    """The fastest encoder accurate to 50 dB on this machine at the split's size, not timing
-    dependent (runtime/autotune.py, cached)."""
+def _request(args: argparse.Namespace, dataset) -> PathRequest:
+    """--path as the request runtime.decision.choose() decides: at the split's map size,
+    reproducible (no timing-dependent kernels), measuring within --autotune-budget."""
     size = tuple(dataset[0]["image"].shape[-2:])
-    decision = decide(loaded.model, loaded.device, size, "auto", budget_s=budget_s)
-    return decision.table_choice().path_for("encode", reproducible=True)
+    return PathRequest(size, args.path, reproducible=True, budget_s=args.autotune_budget)
 
 
 def _claim_folder(out: Path, job: dict, env, measure) -> dict:
@@ -130,17 +112,20 @@ def run(args: argparse.Namespace) -> dict:
     """The whole job on this rank; returns what it did (rank 0: and the index)."""
     env = distributed.setup("auto")
     try:
-        loaded = load_checkpoint_run(args.ckpt, args.cfg, args.overrides)
-        dataset = whole_maps(loaded.run, args.split)
+        loaded = load_run(args.ckpt, args.cfg, args.overrides)
+        dataset = whole_maps(loaded.run.data, args.split)
         out = Path(args.out)
-        job = {**_job_description(args, loaded, dataset),
-               "path": _pinned_path(args.path, loaded.device)}
-        job = _claim_folder(out, job, env,
-                            lambda: _measured_path(loaded, dataset, args.autotune_budget))
-        size = tuple(dataset[0]["image"].shape[-2:])
+        request = _request(args, dataset)
+        try:  # the path a request pins (None: measured when the job starts, else the held)
+            pinned = request.name(loaded.device)
+        except PathRequestError as err:
+            raise LatentsJobError(str(err)) from None
+        job = {**_job_description(args, loaded, dataset), "path": pinned}
+        job = _claim_folder(out, job, env, lambda: choose(loaded.model, loaded.device,
+                                                          request).path("encode"))
         try:  # the accuracy gate on these weights, and the path recorded for every rank
-            decision = decide(loaded.model, loaded.device, size, job["path"])
-        except PathRefused as err:
+            decision = choose(loaded.model, loaded.device, replace(request, path=job["path"]))
+        except (PathRefused, PathRequestError) as err:
             raise LatentsJobError(f"--path {job['path']}: {err}") from None
         engine = decision.prepare(loaded.model, loaded.device, "encode")
         shards = _shards(len(dataset), args.shard_size)
@@ -177,11 +162,10 @@ def _write_index(out: Path, job: dict, shards: list[range], loaded, dataset) -> 
     if missing:
         raise LatentsJobError(f"{out}: shard {missing[0]} is missing or altered after the job "
                               f"({len(missing)} of {len(shards)}); rerun to finish")
-    scaling = latent_scaling(loaded.state, loaded.run.model.scale_factor, loaded.weights)
     h, w = dataset[0]["image"].shape[-2:]
     f = loaded.model.downsample_factor
     shape = [loaded.run.model.embed_dim, h // f, w // f]
-    index = {**job, "latent_shape": shape, "latent_scaling": scaling, "shards": receipts}
+    index = {**job, "latent_shape": shape, "latent_scaling": loaded.scaling, "shards": receipts}
     write_json_atomic(out / INDEX, index)
     return index
 
@@ -203,8 +187,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=positive_int, default=8, help="maps per forward pass")
     p.add_argument("--path", default="auto", metavar="auto|default|NAME",
                    help="inference path: auto (default) measures the fastest encoder accurate "
-                        "to 50 dB, default is the device's own (without Winograd), NAME pins one "
-                        "(docs/performance.md); decided on the job's first run and kept")
+                        "to 50 dB (recorded per machine, weights and size), default is the plain "
+                        "fp32 network, NAME pins one (never Winograd; docs/performance.md); "
+                        "decided on the job's first run and kept")
     p.add_argument("--autotune-budget", type=non_negative_float, default=60.0, metavar="S",
                    help="seconds --path auto may spend measuring when nothing is cached "
                         "(default 60)")

@@ -16,11 +16,10 @@ import onnxruntime
 import onnxscript
 import torch
 
-from model.autoencoder import AutoencoderKL
-from model.checkpoint import (EMA_PREFIX, latent_scaling, load_into, model_config_of,
-                              network_state_dict, read_checkpoint, resolve_checkpoint)
-from model.config import ModelConfig, to_dict
+from model.checkpoint import resolve_checkpoint
+from model.config import to_dict
 from model.io import to_model
+from model.loading import Loaded, load
 from model.manifest import (FORMAT_VERSION, MANIFEST_NAME, check_source_checkpoint,
                             read_manifest, sha256_file, write_manifest)
 
@@ -55,46 +54,20 @@ class ExportOptions:
     provider: str = "auto"
 
 
-@dataclass
-class Source:
-    """The network loaded from a checkpoint, and where it came from."""
-    ae: AutoencoderKL
-    config: ModelConfig
-    path: Path
-    step: int | None
-    weights: str  # "ema" or "model"
-    scaling: dict  # latent_scaling(): scale_factor, its source, latents_mean / latents_std
-
-    def describe(self) -> dict:
-        return {"path": str(self.path.resolve()), "sha256": sha256_file(self.path),
-                "step": self.step, "weights": self.weights}
-
-
-def load_source(ckpt: str | Path, config: ModelConfig | dict | str | None = None,
-                use_ema: bool = True) -> Source:
-    """Read the checkpoint once: the eval-mode network, its step, and which weights were used."""
-    path = resolve_checkpoint(ckpt)
-    raw = read_checkpoint(path)
-    ema = raw.get("ema")
-    has_ema = isinstance(ema, dict) and any(str(k).startswith(EMA_PREFIX) for k in ema)
-    weights = "ema" if use_ema and has_ema else "model"
-    cfg = model_config_of(raw, path, config)
-    ae = AutoencoderKL.from_config(cfg)
-    load_into(ae, network_state_dict(raw, weights == "ema"), path)
-    step = raw.get("step")
-    step = step if isinstance(step, int) and not isinstance(step, bool) else None
-    return Source(ae.eval(), cfg, path, step, weights,
-                  latent_scaling(raw, cfg.scale_factor, weights))
+def source_checkpoint(source: Loaded) -> dict:
+    """The manifest's `source_checkpoint`: which file, which weights of it."""
+    return {"path": str(source.path.resolve()), "sha256": source.sha256, "step": source.step,
+            "weights": source.weights}
 
 
 def _tensors(spec: dict[str, list], names: list[str]) -> list[dict]:
     return [{"name": n, "dtype": "float32", "shape": spec[n]} for n in names]
 
 
-def build_manifest(source: Source, opts: ExportOptions, graphs: dict[str, Path],
+def build_manifest(source: Loaded, opts: ExportOptions, graphs: dict[str, Path],
                    seconds: dict[str, float], parity: dict, providers: list[str]) -> dict:
     """The manifest.json contents (format version 1)."""
-    ae, spec = source.ae, io_spec(source.ae)
+    ae, spec = source.model, io_spec(source.model)
     entries = {name: {"file": graphs[name].name, "sha256": sha256_file(graphs[name]),
                       "bytes": graphs[name].stat().st_size,
                       "inputs": _tensors(spec[name], list(spec[name])[:1]),
@@ -107,7 +80,7 @@ def build_manifest(source: Source, opts: ExportOptions, graphs: dict[str, Path],
         "precision": "fp16" if opts.fp16 else "fp32", "opset": opts.opset,
         "exporter": opts.exporter, "export_seconds": seconds,
         "model_config": to_dict(source.config),
-        "source_checkpoint": source.describe(),
+        "source_checkpoint": source_checkpoint(source),
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxruntime": onnxruntime.__version__,
                      "onnxscript": onnxscript.__version__},
@@ -119,7 +92,7 @@ def _sessions(out: Path, provider: str) -> tuple:
     return tuple(make_session(out / f"{name}.onnx", provider) for name in GRAPHS)
 
 
-def export_onnx(source: Source, opts: ExportOptions, log=print) -> dict:
+def export_onnx(source: Loaded, opts: ExportOptions, log=print) -> dict:
     """Write encoder.onnx and decoder.onnx, check them, then (only on success) the manifest."""
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -127,7 +100,7 @@ def export_onnx(source: Source, opts: ExportOptions, log=print) -> dict:
     graphs, seconds = {}, {}
     for name in GRAPHS:
         start = time.perf_counter()
-        graphs[name] = export_graph(source.ae, name, out, opts.exporter, opts.opset, opts.fp16)
+        graphs[name] = export_graph(source.model, name, out, opts.exporter, opts.opset, opts.fp16)
         seconds[name] = round(time.perf_counter() - start, 2)
         log(f"exported {graphs[name].name} ({graphs[name].stat().st_size / 1e6:.1f} MB) in "
             f"{seconds[name]:.1f} s ({opts.exporter}, opset {opts.opset}); onnx.checker passed")
@@ -135,7 +108,7 @@ def export_onnx(source: Source, opts: ExportOptions, log=print) -> dict:
     if opts.check:
         encoder, decoder = _sessions(out, opts.provider)
         providers = encoder.get_providers()
-        report = check_parity(source.ae, encoder, decoder, opts.fp16)
+        report = check_parity(source.model, encoder, decoder, opts.fp16)
         log(f"parity vs torch on onnxruntime {providers[0]} ({report.bound}):\n{report.table()}")
         if not report.passed:
             raise ParityError(f"parity check FAILED ({report.bound}); no manifest written",
@@ -144,14 +117,14 @@ def export_onnx(source: Source, opts: ExportOptions, log=print) -> dict:
     return build_manifest(source, opts, graphs, seconds, parity, providers)
 
 
-def export_diffusers(source: Source, out: Path, check: bool, log=print) -> dict:
+def export_diffusers(source: Loaded, out: Path, check: bool, log=print) -> dict:
     """Write the diffusers folder. With `check`: read it back (exact, in any environment),
     and where diffusers imports, load it in diffusers and compare outputs (REL_ERR's bound)."""
-    info = diffusers_format.write_diffusers(source.ae, out, source.scaling)
+    info = diffusers_format.write_diffusers(source.model, out, source.scaling)
     log(f"wrote the diffusers AutoencoderKL files ({info['config']}, {info['weights']})")
     if not check:
         return info
-    wrong = diffusers_format.round_trip_mismatches(out, source.ae)
+    wrong = diffusers_format.round_trip_mismatches(out, source.model)
     if wrong:
         raise ParityError("diffusers folder check FAILED: the weights read back differ",
                           ", ".join(wrong[:5]))
@@ -160,12 +133,12 @@ def export_diffusers(source: Source, out: Path, check: bool, log=print) -> dict:
     return info
 
 
-def _diffusers_outputs(source: Source, out: Path, log) -> dict:
+def _diffusers_outputs(source: Loaded, out: Path, log) -> dict:
     """diffusers' own forward against ours where diffusers imports; raises beyond the bound."""
-    h, w = source.ae.ddconfig.size
+    h, w = source.model.ddconfig.size
     images = to_model(synthetic_radio_maps(2, h, w))
     try:
-        report = diffusers_format.diffusers_parity(out, source.ae, images)
+        report = diffusers_format.diffusers_parity(out, source.model, images)
     except diffusers_format.DiffusersUnavailable as err:
         log(f"note: diffusers' own forward not compared here (the folder's weights are checked "
             f"above): {err}")
@@ -217,9 +190,9 @@ def run_export(opts: ExportOptions, log=print) -> dict:
     if unknown or not opts.formats:
         raise ValueError(f"--format: expected a comma-separated subset of {list(FORMATS)}, "
                          f"got {','.join(opts.formats)!r}")
-    source = load_source(opts.ckpt, opts.config, opts.use_ema)
+    source = load(opts.ckpt, opts.config, opts.use_ema)
     log(f"loaded {source.path} (step {source.step}, {source.weights} weights, "
-        f"{sum(p.numel() for p in source.ae.parameters()):,} parameters)")
+        f"{sum(p.numel() for p in source.model.parameters()):,} parameters)")
     result = {}
     out = Path(opts.out)
     with staged(out) as staging:
@@ -245,10 +218,10 @@ def verify_export(directory: str | Path, ckpt: str | Path | None = None, check: 
     log(f"{path} is the source checkpoint (SHA-256 match)")
     if not check:
         return None
-    source = load_source(path, manifest["model_config"],
-                         manifest["source_checkpoint"].get("weights") == "ema")
+    source = load(path, manifest["model_config"],
+                  manifest["source_checkpoint"].get("weights") == "ema")
     encoder, decoder = _sessions(Path(directory), provider)
-    report = check_parity(source.ae, encoder, decoder, manifest["precision"] == "fp16")
+    report = check_parity(source.model, encoder, decoder, manifest["precision"] == "fp16")
     log(f"parity vs torch on onnxruntime {encoder.get_providers()[0]} ({report.bound}):\n"
         f"{report.table()}")
     if not report.passed:

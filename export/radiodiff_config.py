@@ -25,12 +25,12 @@ from pathlib import Path
 import torch
 import yaml
 
-from model.autoencoder import AutoencoderKL
-from model.checkpoint import EMA_PREFIX, CheckpointError, latent_scaling
+from model.checkpoint import EMA_PREFIX, CheckpointError
 from model.config import ConfigError, to_dict
-from train.data.base import resolve_size
-from train.data.synthetic import NATIVE_SIZE
-from train.loading import load_checkpoint_run
+from model.loading import Loaded
+from model.run_config import load_run
+from radiomaps.base import resolve_size
+from radiomaps.synthetic import NATIVE_SIZE
 
 UPSTREAM_LOSS_KEYS = ("disc_start", "logvar_init", "kl_weight", "pixelloss_weight",
                       "disc_num_layers", "disc_in_channels", "disc_factor", "disc_weight",
@@ -42,7 +42,8 @@ class RadioDiffConfigError(ValueError):
 
 
 def upstream_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
-    """What upstream's `init_from_ckpt(path, use_ema=True)` hands to load_state_dict."""
+    """What upstream's `init_from_ckpt(path, use_ema=True)` hands to load_state_dict: replayed
+    here to check the block against upstream's code (this project loads by model/loading.py)."""
     if "ema" in ckpt:
         return {k[len(EMA_PREFIX):]: v for k, v in ckpt["ema"].items()
                 if k.startswith(EMA_PREFIX)}
@@ -60,11 +61,10 @@ def unloaded_keys(network: torch.nn.Module, ckpt: dict) -> list[str]:
             if k not in state or tuple(state[k].shape) != tuple(v.shape)]
 
 
-def first_stage_block(ckpt_path: Path, state: dict, model_cfg, map_size: tuple[int, int],
-                      factor: int) -> dict:
+def first_stage_block(loaded: Loaded, map_size: tuple[int, int], factor: int) -> dict:
     """The `model:` keys of radio_train.yaml that depend on the VAE."""
+    model_cfg, scaling = loaded.config, loaded.scaling
     loss = to_dict(model_cfg.lossconfig)
-    scaling = latent_scaling(state, model_cfg.scale_factor, "ema" if "ema" in state else "model")
     latent = [map_size[0] // factor, map_size[1] // factor]
     return {"model": {
         "image_size": list(map_size),
@@ -75,10 +75,10 @@ def first_stage_block(ckpt_path: Path, state: dict, model_cfg, map_size: tuple[i
             "embed_dim": model_cfg.embed_dim,
             "lossconfig": {k: loss[k] for k in UPSTREAM_LOSS_KEYS},
             "ddconfig": to_dict(model_cfg.ddconfig),
-            "ckpt_path": str(ckpt_path.resolve()),
+            "ckpt_path": str(loaded.path.resolve()),
         },
         "unet": {"input_size": latent, "cond_feature_size": list(latent)},
-    }}, scaling
+    }}
 
 
 def _map_size(image_size) -> tuple[int, int]:
@@ -89,21 +89,20 @@ def _map_size(image_size) -> tuple[int, int]:
 def build(ckpt: str | Path, cfg: str | Path | None = None,
           overrides: tuple[str, ...] = ()) -> tuple[str, dict]:
     """The YAML text of the block and the block itself, after the loading-rule check."""
-    loaded = load_checkpoint_run(ckpt, cfg, overrides)
-    model_cfg = loaded.run.model
-    network = AutoencoderKL.from_config(model_cfg)  # what upstream builds from the ddconfig
-    missing = unloaded_keys(network, loaded.state)
+    loaded = load_run(ckpt, cfg, overrides)
+    network = loaded.model  # the keys and shapes upstream builds from the block's ddconfig
+    missing = unloaded_keys(network, loaded.contents)
     if missing:
         raise RadioDiffConfigError(
             f"{loaded.path}: upstream's init_from_ckpt (strict=False) would leave {len(missing)} "
             f"of {len(network.state_dict())} network tensors random, e.g. {missing[:3]}: the "
             "config does not describe this checkpoint")
     factor = network.downsample_factor
-    block, scaling = first_stage_block(loaded.path, loaded.state, model_cfg,
-                                       _map_size(loaded.run.data.image_size), factor)
+    block = first_stage_block(loaded, _map_size(loaded.run.data.image_size), factor)
+    source = loaded.scaling["scale_factor_source"]
     header = (f"# RadioDiff configs/radio_train.yaml, the keys under `model:` that depend on the "
               f"first stage\n# from {loaded.path} ({loaded.weights} weights; upstream loads "
-              f"`ema` with ema_model. stripped)\n# scale_factor: {scaling['scale_factor_source']}"
+              f"`ema` with ema_model. stripped)\n# scale_factor: {source}"
               f" (upstream's fixed 0.3 assumes another VAE)\n# unet sizes: map "
               f"{block['model']['image_size']} / factor {factor}; every network tensor loads "
               f"under upstream's strict=False rule (checked)\n")

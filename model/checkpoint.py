@@ -1,4 +1,6 @@
-"""Checkpoints: atomic writes, safe reads, and loading an AutoencoderKL from ours or upstream's.
+"""Checkpoint files: atomic writes, safe reads, where a name or run directory points, and strict
+loading of a state dict into a module. Which weights of a file make the network, and the
+network itself: model/loading.py.
 
 One file format serves training, export and serving: a dict with `model` (the autoencoder's
 state dict; the trainer adds the loss modules under `loss.`), `ema` (upstream layout:
@@ -16,10 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from .autoencoder import AutoencoderKL
-from .config import ConfigError, ModelConfig, from_dict, resolve_config_path
 from .pickle_scan import disallowed_globals
 
 EMA_PREFIX = "ema_model."
@@ -97,11 +96,19 @@ def resolve_checkpoint(path_or_dir: str | Path) -> Path:
     return path
 
 
-def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
-    """torch.load with weights_only=True; a torn, foreign or unsafe file is a CheckpointError."""
+def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu",
+                    digest: Any = None) -> dict:
+    """torch.load with weights_only=True; a torn, foreign or unsafe file is a CheckpointError.
+    `digest` (a hashlib object), when given, is fed the bytes of the open file torch.load then
+    reads, so a hash names exactly what was loaded even if the path is replaced meanwhile."""
     path = resolve_checkpoint(path)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        with open(path, "rb") as f:
+            if digest is not None:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+                f.seek(0)
+            obj = torch.load(f, map_location=map_location, weights_only=True)
     except Exception as err:  # torch.load raises many types on torn or foreign bytes
         raise CheckpointError(f"{path}: {_load_failure(path, err)}") from None
     if not isinstance(obj, dict):
@@ -156,35 +163,6 @@ def latent_stats(ckpt: dict) -> dict | None:
     return stats if isinstance(stats, dict) and "scale_factor" in stats else None
 
 
-def latent_scaling(ckpt: dict, config_scale: float, weights: str | None = None) -> dict:
-    """The latent scale to use and where it comes from: the stored statistics (when they were
-    computed on `weights`, if given), else the config's fixed scale_factor (no mean/std)."""
-    stats = latent_stats(ckpt)
-    if stats is None or (weights is not None and stats.get("weights", weights) != weights):
-        fixed = "RadioDiff's fixed 0.3" if config_scale == 0.3 else "model.scale_factor"
-        return {"scale_factor": float(config_scale), "scale_factor_source": f"config ({fixed})",
-                "latents_mean": None, "latents_std": None}
-    return {"scale_factor": float(stats["scale_factor"]),
-            "scale_factor_source": f"latent_stats ({stats.get('split')} split, "
-                                   f"{stats.get('maps')} maps)",
-            "latents_mean": [float(v) for v in stats["latents_mean"]],
-            "latents_std": [float(v) for v in stats["latents_std"]]}
-
-
-def network_state_dict(ckpt: dict, use_ema: bool = True) -> dict[str, torch.Tensor]:
-    """The autoencoder weights of a checkpoint: EMA when present (as upstream), else `model`,
-    `state_dict`, or the dict itself."""
-    if use_ema and isinstance(ckpt.get("ema"), dict):
-        ema = ckpt["ema"]
-        sd = {k[len(EMA_PREFIX):]: v for k, v in ema.items() if k.startswith(EMA_PREFIX)}
-        if sd:
-            return sd
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    return ckpt
-
-
 def _summarise(keys: list[str], limit: int = 5) -> str:
     shown = ", ".join(keys[:limit])
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
@@ -218,35 +196,3 @@ def load_into(model: torch.nn.Module, state: dict[str, Any], source: str | Path)
                               f"checkpoint: {_summarise(wrong, 3)}")
     check_finite({k: tensors[k] for k in own}, source)
     model.load_state_dict({k: tensors[k] for k in own}, strict=True)
-
-
-def model_config_of(ckpt: dict, source: str | Path,
-                    config: ModelConfig | dict | str | Path | None) -> ModelConfig:
-    """The ModelConfig for a checkpoint: the one given, else the one stored in it."""
-    if isinstance(config, ModelConfig):
-        return config
-    if isinstance(config, (str, Path)):
-        with open(resolve_config_path(config)) as f:
-            config = (yaml.safe_load(f) or {}).get("model")
-    if config is None:
-        stored = ckpt.get("config")
-        if not isinstance(stored, dict) or "model" not in stored:
-            raise CheckpointError(f"{source}: the checkpoint stores no config (an upstream "
-                                  "RadioDiff file?): pass the YAML it was trained with, e.g. "
-                                  "config='first_radio.yaml'")
-        config = stored["model"]
-    try:
-        return from_dict(ModelConfig, config, "model")
-    except ConfigError as err:
-        raise CheckpointError(f"{source}: bad model config: {err}") from None
-
-
-def load_autoencoder(path_or_dir: str | Path, config: ModelConfig | dict | str | Path | None = None,
-                     use_ema: bool = True, map_location: str | torch.device = "cpu"
-                     ) -> AutoencoderKL:
-    """An eval-mode AutoencoderKL from one of our checkpoints or an upstream `model-N.pt`."""
-    path = resolve_checkpoint(path_or_dir)
-    ckpt = read_checkpoint(path, map_location)
-    model = AutoencoderKL.from_config(model_config_of(ckpt, path, config))
-    load_into(model, network_state_dict(ckpt, use_ema), path)
-    return model.eval()

@@ -66,6 +66,13 @@ def timing_dependent(name: str) -> bool:
     return bool(options_for(name)["winograd"])
 
 
+def path_precision(name: str) -> str:
+    """The arithmetic path `name` computes its convolutions in: its autocast precision, or
+    'bf16' for onednn_bf16 (fp32 tensors, bf16 multiplications)."""
+    options = options_for(name)
+    return "bf16" if options["onednn_bf16"] else str(options["precision"])
+
+
 def candidates(device: torch.device) -> list[str]:
     """The paths worth measuring on `device`, the likeliest winners first (a spent budget cuts
     the tail), the plain network last."""

@@ -1,4 +1,7 @@
-"""The inference path decision, made once per (machine, weights, size, request) and shared.
+"""The inference path decision, made once per (machine, weights, size, request) and shared:
+`choose(model, device, PathRequest(size, ...)) -> Decision` is the one place a path is chosen.
+The server's torch backend, the latents job and the benchmarks call it; no other module holds a
+policy of its own (tests/test_decision.py checks).
 
 A decision names the path each operation runs (encode: the encoder's, decode: the decoder's;
 reconstruct runs the encoder's path then the decoder's, so /encode then /decode gives the same
@@ -9,11 +12,23 @@ a lock, every other worker, replica and job on the machine reads it, so two proc
 one model compute with the same kernels and return identical bytes. A container keeps it on a
 volume or bakes it into the image.
 
-Requests: 'auto' measures every candidate (runtime/autotune.py) and takes, per operation, the
-fastest accurate one; 'default' is the device's built-in path; any other name pins that path.
+Requests (`PathRequest`):
+- path 'auto' measures every candidate (runtime/autotune.py) and takes, per operation, the
+  fastest accurate one. Which path is fastest is a fact of the machine: it comes only from this
+  measurement, recorded in the file, never from a constant in code.
+- path 'default' is the neutral baseline: the plain fp32 network, eager, contiguous NCHW, no
+  machine-tuned toggle (the same on every machine; nothing to measure or record).
+- any other path name pins that path ('bf16+channels_last+fused_attention').
+- precision 'fp32' / 'bf16' / 'fp16' (with path 'auto'): the fastest measured path computing in
+  that precision (bf16 and fp16 need a GPU, or for bf16 a CPU with native bf16).
+- reproducible: no path whose kernels are chosen by timing (Winograd), for jobs whose bytes
+  must not depend on which process timed what (the latents job).
 Every path other than plain fp32 must pass the accuracy gate (>= 50 dB against fp32 for the
 posterior mean, its logvar and the decoded maps, on every probe map at the served size, with the
 served weights) or is refused, unless the caller allows inaccurate paths explicitly.
+
+`decide(model, device, size, name)` is the primitive under choose() for one resolved name;
+callers outside runtime/ use choose().
 """
 from __future__ import annotations
 
@@ -36,9 +51,10 @@ from model.manifest import write_json_atomic
 
 from . import machine
 from .autotune import (ACCURATE_DB, REFERENCE, Choice, Measured, autotune, candidates, log_row,
-                       measure, options_for, reference_outputs)
+                       measure, options_for, path_precision, reference_outputs,
+                       timing_dependent)
 from .fast_layers import WinogradPlan, apply_winograd_plan
-from .inference import InferenceModel, InferenceOptions, default_options, prepare_for_inference
+from .inference import PRECISIONS, InferenceModel, InferenceOptions, prepare_for_inference
 
 logger = logging.getLogger(__name__)
 CACHE_ENV = "RADIODIFF_CACHE_DIR"
@@ -48,6 +64,64 @@ OPERATIONS = ("encode", "decode")  # reconstruct = the encoder's path, then the 
 
 class PathRefused(ValueError):
     """A pinned path failed the accuracy gate on the served weights."""
+
+
+class PathRequestError(ValueError):
+    """A request that names no valid path here (an unknown part, a contradiction, a precision
+    this device cannot run); the message names the command-line option (--path, --precision),
+    as the server and the latents job spell it."""
+
+
+@dataclass(frozen=True)
+class PathRequest:
+    """What a caller asks for; choose() turns it into a Decision (see the module)."""
+    size: tuple[int, int]  # the served map size (H, W): what the paths are measured at
+    path: str = "auto"  # 'auto' (measured), 'default' (plain fp32), or a path name
+    precision: str = "auto"  # 'auto', or with path 'auto': 'fp32', 'bf16', 'fp16'
+    allow_inaccurate: bool = False  # serve a path below the accuracy gate
+    reproducible: bool = False  # never a path whose kernels are chosen by timing (Winograd)
+    budget_s: float = 60.0  # the most seconds 'auto' spends measuring when nothing is recorded
+    calls: int = 3  # timed calls per candidate and operation
+    record: bool = True  # read and write the decision file (False: measure afresh, keep none)
+
+    def name(self, device: str | torch.device) -> Optional[str]:
+        """The path this request pins, checked ('default' -> 'fp32'; a name as given: the
+        decision file is keyed by its canonical form); None where it is measured (path 'auto').
+        Raises PathRequestError for a request that cannot be served on `device`."""
+        device = torch.device(device)
+        if self.precision != "auto":
+            if self.precision not in PRECISIONS:
+                raise PathRequestError(f"--precision {self.precision}: expected auto or one of "
+                                       f"{list(PRECISIONS)}")
+            if self.path != "auto":
+                raise PathRequestError(f"--path {self.path} and --precision {self.precision} "
+                                       f"both choose the precision: give one of them")
+            native = self.precision == "bf16" and machine.native_bf16()
+            if device.type == "cpu" and self.precision != "fp32" and not native:
+                raise PathRequestError(
+                    f"--precision {self.precision} needs a CUDA device (on this CPU it is "
+                    f"emulated, far slower than fp32"
+                    + ("; bf16 also runs on CPUs with AVX512-BF16 or AMX)"
+                       if self.precision == "bf16" else ")"))
+        if self.path == "auto":
+            return None
+        if self.path == "default":
+            return REFERENCE
+        try:
+            options_for(self.path)
+        except ValueError as err:
+            raise PathRequestError(f"--path {self.path}: {err}") from None
+        if self.reproducible and timing_dependent(self.path):
+            raise PathRequestError(f"--path {self.path}: Winograd picks its kernel per layer by "
+                                   f"timing, so outputs would depend on timing; name a path "
+                                   f"without winograd")
+        return self.path
+
+    def describe(self) -> str:
+        """The request as /info and the logs show it: 'auto', 'default', a path name,
+        'precision bf16'; ', reproducible' when asked."""
+        text = self.path if self.precision == "auto" else f"precision {self.precision}"
+        return text + (", reproducible" if self.reproducible else "")
 
 
 @dataclass
@@ -119,13 +193,13 @@ def weights_sha256(model: AutoencoderKL) -> str:
 
 
 def resolve_request(request: str, device: torch.device) -> str:
-    """'auto' stays; 'default' -> the device's built-in path's name; a name is checked and put
-    in canonical order ('fused_attention+fp32' -> 'fp32+fused_attention')."""
+    """'auto' stays; 'default' -> plain fp32 (the reference, the same on every machine); a name
+    is checked and put in canonical order ('fused_attention+fp32' -> 'fp32+fused_attention')."""
     if request == "auto":
         return request
-    options = default_options(device) if request == "default" else \
-        InferenceOptions(**options_for(request))
-    return options.describe()
+    if request == "default":
+        return REFERENCE
+    return InferenceOptions(**options_for(request)).describe()
 
 
 def decision_key(model: AutoencoderKL, device: torch.device, size: tuple[int, int],
@@ -136,31 +210,96 @@ def decision_key(model: AutoencoderKL, device: torch.device, size: tuple[int, in
             "candidates": candidates(device) if request == "auto" else None}
 
 
+def choose(model: AutoencoderKL, device: str | torch.device, request: PathRequest) -> Decision:
+    """The path `model` runs on `device` for `request` (see the module): the one entry every
+    caller uses. Raises PathRequestError for a request that cannot be served here, PathRefused
+    for a path below the accuracy gate unless `request.allow_inaccurate`."""
+    device = torch.device(device)
+    name = request.name(device)
+    size = tuple(request.size)
+    if name is not None:
+        decision = _recorded(model, device, size, resolve_request(name, device), request)
+    else:
+        decision = _recorded(model, device, size, "auto", request)
+        if request.precision != "auto" or request.reproducible:
+            decision = _narrowed(decision, request) or _recorded(
+                model, device, size, resolve_request(request.precision, device), request)
+    decision.request, decision.allow_inaccurate = request.describe(), request.allow_inaccurate
+    _gate(decision)
+    _log(decision)
+    return decision
+
+
 def decide(model: AutoencoderKL, device: str | torch.device, size: tuple[int, int],
            request: str = "auto", allow_inaccurate: bool = False, budget_s: float = 60.0,
            calls: int = 3, use_file: bool = True) -> Decision:
-    """The recorded decision for serving `model` at `size` on `device` (see the module): read
-    from its file, or measured and written under the file's lock. Raises PathRefused for a
-    pinned path below the accuracy gate unless `allow_inaccurate`."""
+    """The recorded decision for one request name ('auto', 'default' or a path name) at `size`
+    on `device`: read from its file, or measured and written under the file's lock. Raises
+    PathRefused for a pinned path below the accuracy gate unless `allow_inaccurate`. The
+    primitive under choose(), which callers use."""
     device = torch.device(device)
-    name = resolve_request(request, device)
-    if name == REFERENCE:  # plain fp32 is the reference: nothing to measure or to share
-        row = Measured(REFERENCE, accurate=True, note="the reference")
-        return Decision(request, dict.fromkeys(OPERATIONS, REFERENCE), {REFERENCE: row},
-                        allow_inaccurate=allow_inaccurate)
-    key = decision_key(model, device, size, name)
-    with _locked(key) if use_file else contextlib.nullcontext():
-        decision = _read(key) if use_file else None
-        if decision is None:
-            decision = _measure(model, device, size, name, key, budget_s, calls)
-            if use_file:
-                _write(decision)
+    settings = PathRequest(tuple(size), allow_inaccurate=allow_inaccurate, budget_s=budget_s,
+                           calls=calls, record=use_file)
+    decision = _recorded(model, device, tuple(size), resolve_request(request, device), settings)
     decision.request, decision.allow_inaccurate = request, allow_inaccurate
     _gate(decision)
-    logger.info("inference path: encode %s, decode %s (%s)", decision.paths["encode"],
-                decision.paths["decode"], f"read from {decision.file}" if decision.read
-                else f"measured in {decision.seconds:.1f} s")
+    _log(decision)
     return decision
+
+
+def _recorded(model: AutoencoderKL, device: torch.device, size: tuple[int, int], name: str,
+              request: PathRequest) -> Decision:
+    """The decision for resolved name `name` ('auto' or a canonical path name): read from its
+    file, or measured and written under the file's lock (neither with `request.record` off);
+    plain fp32 is the reference, with nothing to measure or to share."""
+    if name == REFERENCE:
+        row = Measured(REFERENCE, accurate=True, note="the reference")
+        return Decision(name, dict.fromkeys(OPERATIONS, REFERENCE), {REFERENCE: row})
+    key = decision_key(model, device, size, name)
+    with _locked(key) if request.record else contextlib.nullcontext():
+        decision = _read(key) if request.record else None
+        if decision is None:
+            decision = _measure(model, device, size, name, key, request.budget_s, request.calls)
+            if request.record:
+                _write(decision)
+    return decision
+
+
+def _narrowed(measured: Decision, request: PathRequest) -> Optional[Decision]:
+    """`measured` ('auto') restricted to the paths `request` admits (its precision; no
+    timing-dependent kernels when reproducible): per operation the fastest admitted path
+    accurate for it, else (for the gate to refuse, or to serve when allowed) the fastest
+    admitted one. None when no admitted path of a pinned bf16 / fp16 precision was measured
+    (not a candidate here, or past the budget): the caller pins the plain path in it."""
+    def admits(path: str) -> bool:
+        return ((request.precision == "auto" or path_precision(path) == request.precision)
+                and not (request.reproducible and timing_dependent(path)))
+
+    table = measured.table or []
+    paths = {}
+    for op in OPERATIONS:
+        timed = [m for m in table if admits(m.path) and m.ms(op) is not None]
+        pool = [m for m in timed if m.accurate_for(op)] or timed
+        if pool:
+            paths[op] = min(pool, key=lambda m: m.ms(op)).path
+        elif request.precision in ("auto", REFERENCE):
+            paths[op] = REFERENCE  # always admitted: plain fp32, fixed kernels
+        else:
+            return None
+    reference = Measured(REFERENCE, accurate=True, note="the reference")
+    rows = {p: measured.rows.get(p) or next((m for m in table if m.path == p), reference)
+            for p in set(paths.values())}
+    return Decision(measured.request, paths, rows, measured.key, table=measured.table,
+                    seconds=measured.seconds, file=measured.file, read=measured.read,
+                    measured_on=measured.measured_on)
+
+
+def _log(decision: Decision) -> None:
+    logger.info("inference path (%s): encode %s, decode %s (%s)", decision.request,
+                decision.paths["encode"], decision.paths["decode"],
+                f"read from {decision.file}" if decision.read else
+                "plain fp32: nothing measured" if decision.key == {} else
+                f"measured in {decision.seconds:.1f} s")
 
 
 def _measure(model: AutoencoderKL, device: torch.device, size: tuple[int, int], name: str,

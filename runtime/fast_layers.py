@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.blocks import AttnBlock
-
 TIMED_CALLS = 3  # per kernel, when a layer first meets an input size
 
 
@@ -187,30 +185,6 @@ class PointwiseConv2d(nn.Conv2d):
                                 bias=conv.bias is not None, device="meta"))
 
 
-class FusedAttention(nn.Module):
-    """AttnBlock's computation with its parameters, laid out so that
-    scaled_dot_product_attention takes its fused kernel: q, k, v as [N, 1, HW, C] with C
-    contiguous (the block's own transposed views send it to the unfused math kernel)."""
-
-    def __init__(self, block: AttnBlock):
-        super().__init__()
-        self.norm, self.q, self.k, self.v = block.norm, block.q, block.k, block.v
-        self.proj_out = block.proj_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = x.shape
-        y = self.norm(x).flatten(2).transpose(1, 2)  # [N, HW, C], a view
-        q, k, v = (F.linear(y, p.weight.view(c, c), p.bias)[:, None]
-                   for p in (self.q, self.k, self.v))
-        out = F.scaled_dot_product_attention(q, k, v)[:, 0]
-        out = F.linear(out, self.proj_out.weight.view(c, c), self.proj_out.bias)
-        return x + out.transpose(1, 2).reshape(n, c, h, w)
-
-    @classmethod
-    def eligible(cls, module: nn.Module) -> bool:
-        return type(module) is AttnBlock
-
-
 def swap(module: nn.Module, eligible: Callable[[nn.Module], bool],
          replace: Callable[[nn.Module], nn.Module]) -> int:
     """Replace every eligible descendant of `module` (outermost first) in place; returns how
@@ -233,8 +207,3 @@ def use_winograd(module: nn.Module) -> int:
 def use_matmul_1x1(module: nn.Module) -> int:
     """1x1 convs -> PointwiseConv2d; returns how many."""
     return swap(module, PointwiseConv2d.eligible, PointwiseConv2d.from_conv)
-
-
-def use_fused_attention(module: nn.Module) -> int:
-    """AttnBlock -> FusedAttention; returns how many."""
-    return swap(module, FusedAttention.eligible, FusedAttention)

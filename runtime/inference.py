@@ -1,6 +1,8 @@
-"""Inference fast paths: `prepare_for_inference(model, device)` returns an `InferenceModel`
-whose defaults are the fastest path measured accurate (PSNR >= 50 dB against the plain fp32
-output) on that kind of device; bench/RESULTS.md holds the measurements.
+"""Inference fast paths: `prepare_for_inference(model, device, **options)` returns an
+`InferenceModel` running exactly the options given; every option left out is off, so with none
+it is the plain fp32 network (eager, contiguous NCHW) on every machine. This module holds no
+policy: which path a machine runs is chosen by measurement and recorded, in one place
+(runtime/decision.py `choose`).
 
 Paths (each an `InferenceOptions` field):
 - `winograd` (CPU): 3x3 stride-1 convolutions run through NNPACK's Winograd kernels, which
@@ -14,9 +16,10 @@ Paths (each an `InferenceOptions` field):
   The layers are in runtime/fast_layers.py.
 - `channels_last`: NHWC activations and weights (oneDNN / cuDNN favour them).
 - `precision`: `bf16` / `fp16` autocast. A CPU without AVX-512 BF16 emulates bf16 and is
-  far slower than fp32, so no CPU default uses it. On a GPU bf16's 8-bit mantissa costs too
-  much accuracy (~42 dB against fp32) and fp16 does not (~60 dB); but fp16 overflows past
-  65504, so an fp16 output holding inf or NaN is recomputed in fp32 (with a warning).
+  far slower than fp32, so bf16 is a CPU candidate only where it is native. bf16's 8-bit
+  mantissa may cost too much accuracy (~42 dB against fp32 on an H200, bench/RESULTS.md), which
+  the accuracy gate measures per weights; fp16 overflows past 65504, so an fp16 output holding
+  inf or NaN is recomputed in fp32 (with a warning).
 - `onednn_bf16` (CPU with AVX512-BF16 / AMX): convolutions and matrix products stay fp32 for
   the network but oneDNN computes them from bf16-rounded inputs on the bf16 units
   (torch.backends.mkldnn fp32_precision "bf16"), accumulating and storing in fp32; activations,
@@ -26,7 +29,7 @@ Paths (each an `InferenceOptions` field):
   (runtime/malloc.py). Process-wide; the process then keeps up to 1 GiB of freed memory.
 - `compile` / `cuda_graphs`: torch.compile of the encoder and decoder (CUDA graphs through
   mode="reduce-overhead"; on CPU with inductor's freezing); compiling takes tens of seconds,
-  so they are opt-in.
+  so they are opt-in (never autotune candidates).
 """
 from __future__ import annotations
 
@@ -41,7 +44,7 @@ from torch import nn
 from model.autoencoder import AutoencoderKL
 from model.distributions import DiagonalGaussianDistribution
 
-from .fast_layers import use_fused_attention, use_matmul_1x1, use_winograd, winograd_available
+from .fast_layers import use_matmul_1x1, use_winograd, winograd_available
 from .malloc import glibc, malloc_reuse
 from .tiling import Tiler
 
@@ -70,23 +73,6 @@ class InferenceOptions:
                                    "reuse_memory", "channels_last", "compile", "cuda_graphs")
                  if getattr(self, name)]
         return "+".join([self.precision, *flags])
-
-
-def default_options(device: str | torch.device) -> InferenceOptions:
-    """The fastest accurate path measured on this kind of device (see bench/RESULTS.md).
-
-    CPU: Winograd (NNPACK) 3x3 convolutions when this torch build has NNPACK, matmul 1x1
-    convolutions, fused attention, malloc reuse under glibc; fp32.
-    CUDA: fp16 autocast (fp32 recomputed where it overflows) + channels_last + fused attention.
-    Other devices (not measured): plain fp32.
-    """
-    device = torch.device(device)
-    if device.type == "cpu":
-        return InferenceOptions(winograd=winograd_available(), matmul_1x1=True,
-                                fused_attention=True, reuse_memory=glibc() is not None)
-    if device.type == "cuda":
-        return InferenceOptions(precision="fp16", channels_last=True, fused_attention=True)
-    return InferenceOptions()  # other accelerators: not measured, plain fp32
 
 
 class InferenceModel:
@@ -231,13 +217,14 @@ def _check(options: InferenceOptions, device: torch.device) -> None:
 def prepare_for_inference(model: AutoencoderKL, device: str | torch.device = "cpu",
                           **overrides: object) -> InferenceModel:
     """Move `model` to `device` in eval mode and apply the fast paths, IN PLACE (like
-    `model.to`); `overrides` are InferenceOptions fields replacing the device's defaults."""
+    `model.to`); `overrides` are the InferenceOptions fields to set, every other one off (no
+    overrides: the plain fp32 network). The path a machine should run: runtime/decision.py."""
     device = torch.device(device)
     unknown = sorted(set(overrides) - set(InferenceOptions.__dataclass_fields__))
     if unknown:
         raise TypeError(f"unknown inference option {unknown[0]!r}; expected one of "
                         f"{sorted(InferenceOptions.__dataclass_fields__)}")
-    options = replace(default_options(device), **overrides)
+    options = replace(InferenceOptions(), **overrides)
     _check(options, device)
     model = model.eval().to(device)
     if options.channels_last:
@@ -246,8 +233,6 @@ def prepare_for_inference(model: AutoencoderKL, device: str | torch.device = "cp
         use_winograd(model)
     if options.matmul_1x1:
         use_matmul_1x1(model)
-    if options.fused_attention:
-        use_fused_attention(model)
     if options.reuse_memory:
         malloc_reuse(True)
     return InferenceModel(model, device, options)

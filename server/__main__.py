@@ -62,17 +62,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return 0
 
 
-def _check_path(settings: Settings, backend: str) -> None:
-    """--path: a known name, for the torch backend, and not beside --precision."""
-    from runtime.autotune import options_for
+def _check_path_request(settings: Settings, spec, accelerator: str) -> None:
+    """--path / --precision: torch backend options, checked as the request the workers will
+    give runtime.decision.choose() (which holds the whole path policy)."""
+    from runtime.decision import PathRequest
 
-    if backend != "torch":
-        raise ValueError("--path applies to the torch backend (an export runs as exported)")
-    if settings.precision != "auto":
-        raise ValueError(f"--path {settings.path} and --precision {settings.precision} both "
-                         "choose the precision: give one of them")
-    if settings.path != "default":
-        options_for(settings.path)  # ValueError naming the unknown part
+    if spec.backend != "torch":
+        for option, value in (("--path", settings.path), ("--precision", settings.precision)):
+            if value != "auto":
+                raise ValueError(f"{option} applies to the torch backend (an export runs as "
+                                 "exported)")
+        return
+    size = settings.resolution or spec.config_size
+    request = PathRequest(tuple(size), settings.path, settings.precision,
+                          allow_inaccurate=bool(settings.allow_inaccurate_path))
+    request.name(accelerator)  # PathRequestError (a ValueError) naming the option
 
 
 def _prepare(settings: Settings):
@@ -82,14 +86,8 @@ def _prepare(settings: Settings):
 
     spec = describe_model(settings)
     limits = limits_of(settings, spec)
-    if settings.precision != "auto" and spec.backend != "torch":
-        raise ValueError("--precision applies to the torch backend (an export runs as exported)")
-    if settings.path != "auto":
-        _check_path(settings, spec.backend)
     accelerator = resolve_accelerator(settings.device)  # --device cuda without one: stop here
-    if settings.precision in ("bf16", "fp16") and accelerator != "cuda":
-        raise ValueError(f"--precision {settings.precision} needs a CUDA device (on a CPU it is "
-                         "emulated, far slower than fp32)")
+    _check_path_request(settings, spec, accelerator)
     api_key = None
     if settings.api_key_env:
         api_key = os.environ.get(settings.api_key_env)

@@ -22,9 +22,6 @@ from typing import NamedTuple, Optional
 import litserve as ls
 import numpy as np
 import torch
-from litserve.loops.simple_loops import BatchedLoop
-from litserve.transport.base import MessageTransport
-from litserve.utils import LitAPIStatus, LoopResponseType, PickleableHTTPException
 
 from model.distributions import DiagonalGaussianDistribution
 from model.io import from_model, to_model
@@ -33,7 +30,7 @@ from runtime.tiling import Tiler
 from . import memory, metrics, speed
 from .backends import load_backend
 from .budget import BUDGET_FRACTION, UNBOUNDED, Budget, BudgetPolicy, cost_megapixels
-from .litserve_adapter import STOP_SENTINEL, StopLoop
+from .litserve_adapter import STOP_SENTINEL, AdaptedBatchLoop, StopLoop
 from .logs import LOGGER, configure_logging
 from .payloads import Job
 from .queueing import QueueSlots, default_queue
@@ -58,7 +55,7 @@ class Queued(NamedTuple):
     job: Job
 
 
-class BlockingBatchedLoop(BatchedLoop):
+class BlockingBatchedLoop(AdaptedBatchLoop):
     """litserve's BatchedLoop, except that an idle worker blocks on its queue, a batch is
     bounded by compute as well as by count, and deadlines hold (server/queueing.py).
 
@@ -80,8 +77,7 @@ class BlockingBatchedLoop(BatchedLoop):
         self._deadlines: dict[str, float] = {}  # of the running batch's requests, by uid
         self._published = False  # whether the supervisor holds a list of running requests
 
-    def get_batch_requests(self, lit_api: "RadioAPI", request_queue: Queue,
-                           transport: MessageTransport) -> tuple[list, list]:
+    def next_batch(self, lit_api: "RadioAPI", request_queue: Queue) -> list[tuple]:
         if self._published:  # the previous batch is answered
             lit_api.publish_running([])
             self._published = False
@@ -104,17 +100,16 @@ class BlockingBatchedLoop(BatchedLoop):
             if not _take(lit_api, queued):
                 continue
             if not fits:  # alone, and more than the memory left: refused, not run
-                self._refuse_for_memory(lit_api, queued, room, transport)
+                self._refuse_for_memory(lit_api, queued, room)
                 continue
             if not batch:
                 self._last_client = queued.job.client
             batch.append(queued)
             cost = total
             fill_until = fill_until or time.monotonic() + lit_api.batch_timeout
-        return self._startable(lit_api, batch, cost, transport), []
+        return self._startable(lit_api, batch, cost)
 
-    def _refuse_for_memory(self, lit_api: "RadioAPI", queued: Queued, room: float,
-                           transport: MessageTransport) -> None:
+    def _refuse_for_memory(self, lit_api: "RadioAPI", queued: Queued, room: float) -> None:
         need = lit_api.bytes_per_megapixel * lit_api.job_cost(queued.job)
         detail = (f"{lit_api.api_path}: not started: this request needs about "
                   f"{need / memory.MIB:.0f} MiB of working memory (measured at the warm-up) "
@@ -122,9 +117,7 @@ class BlockingBatchedLoop(BatchedLoop):
                   "(the machine's or container's free memory); retry later, or send fewer or "
                   "smaller maps")
         logger.warning("%s", detail)
-        self.put_response(transport, queued.response_queue_id, queued.uid,
-                          PickleableHTTPException(503, detail), LitAPIStatus.ERROR,
-                          LoopResponseType.REGULAR)
+        self.send_error(queued.response_queue_id, queued.uid, 503, detail)
 
     def _next_item(self, request_queue: Queue, fill_until: Optional[float], lookahead: int):
         """The next request for the batch: awaited (for up to a second) while the batch is
@@ -134,14 +127,14 @@ class BlockingBatchedLoop(BatchedLoop):
         expensive requests cannot keep another's small ones waiting behind all of its own)."""
         # at most a batch's worth taken ahead: the endpoint's other workers take the rest
         while len(self._pending) < lookahead and \
-                (item := self.get_request(request_queue, block=False)) is not None:
+                (item := self.take(request_queue, block=False)) is not None:
             self._pending.append(item)
         if not self._pending:
             if fill_until is None:
-                item = self.get_request(request_queue, timeout=1.0)
+                item = self.take(request_queue, timeout=1.0)
             else:
                 remaining = fill_until - time.monotonic()
-                item = self.get_request(request_queue, timeout=remaining) if remaining > 0 \
+                item = self.take(request_queue, timeout=remaining) if remaining > 0 \
                     else None
             return item
         if fill_until is None:  # choosing the first request of a batch
@@ -150,45 +143,34 @@ class BlockingBatchedLoop(BatchedLoop):
                     return self._pending.pop(index)
         return self._pending.pop(0)
 
-    def _startable(self, lit_api: "RadioAPI", batch: list[Queued], cost: float,
-                   transport: MessageTransport) -> list:
+    def _startable(self, lit_api: "RadioAPI", batch: list[Queued], cost: float) -> list:
         """The batch's requests that it finishes by their deadlines at the measured speed, as
         (response queue, uid, job); the others get 504 now, never started."""
         now = time.monotonic()
         needs = lit_api.seconds_per_megapixel * cost
         on_time = []
         for queued in batch:
-            deadline = queued.timestamp + lit_api.request_timeout
+            deadline = queued.timestamp + lit_api.deadline_s
             if now + needs <= deadline:
                 on_time.append(queued)
                 continue
             detail = (f"{lit_api.api_path}: not started: its batch needs about {needs:.1f} s at "
                       f"the measured speed and {max(deadline - now, 0):.1f} s of its deadline "
-                      f"(--timeout {lit_api.request_timeout:g} s) are left; retry later, or "
+                      f"(--timeout {lit_api.deadline_s:g} s) are left; retry later, or "
                       "send a smaller request")
-            self.put_response(transport, queued.response_queue_id, queued.uid,
-                              PickleableHTTPException(504, detail), LitAPIStatus.ERROR,
-                              LoopResponseType.REGULAR)
-        self._deadlines = {q.uid: q.timestamp + lit_api.request_timeout for q in on_time}
+            self.send_error(queued.response_queue_id, queued.uid, 504, detail)
+        self._deadlines = {q.uid: q.timestamp + lit_api.deadline_s for q in on_time}
         if on_time:
             lit_api.publish_running([(q.response_queue_id, q.uid) for q in on_time])
             self._published = True
-        for queued in on_time:
-            self.put_response(transport, queued.response_queue_id, queued.uid, (),
-                              LitAPIStatus.START, LoopResponseType.REGULAR)
         return [(q.response_queue_id, q.uid, q.job) for q in on_time]
 
-    def put_response(self, transport: MessageTransport, response_queue_id: int, uid: str,
-                     response_data, status: LitAPIStatus, response_type: LoopResponseType
-                     ) -> None:
+    def deliver(self, uid: str) -> bool:
         late = time.monotonic() - self._deadlines.get(uid, float("inf"))
-        if status == LitAPIStatus.OK and late > 0:
-            # Its HTTP handler answered 504 at the deadline: nobody waits for this result.
+        if late > 0:  # its HTTP handler answered 504 at the deadline: nobody waits for it
             logger.info("request %s finished %.1f s after its deadline; result discarded", uid,
                         late)
-            return
-        super().put_response(transport, response_queue_id, uid, response_data, status,
-                             response_type)
+        return late <= 0
 
     def __call__(self, *args, **kwargs) -> None:
         # The main process stops workers (after the HTTP processes have drained) with a sentinel
@@ -209,12 +191,12 @@ def _all_on_time(lit_api: "RadioAPI", batch: list[Queued], cost: float) -> bool:
     """Whether a batch costing `cost` megapixels, started now, ends before every member's
     deadline at the measured speed."""
     ends = time.monotonic() + lit_api.seconds_per_megapixel * cost
-    return all(ends <= q.timestamp + lit_api.request_timeout for q in batch)
+    return all(ends <= q.timestamp + lit_api.deadline_s for q in batch)
 
 
 def _take(lit_api: "RadioAPI", queued: Queued) -> bool:
     """Claim a queued request for the batch; False (it is dropped unrun) when nobody waits."""
-    if time.monotonic() >= queued.timestamp + lit_api.request_timeout:
+    if time.monotonic() >= queued.timestamp + lit_api.deadline_s:
         # Its HTTP handler answers 504 at the deadline and frees the slot, counting the
         # request once, as never run.
         lit_api.slots.drop(queued.job.ticket)
@@ -248,6 +230,7 @@ class RadioAPI(ls.LitAPI):
         # the torch backend's inference path, and what measuring it may cost (runtime/autotune.py)
         self.path, self.autotune_budget = path, autotune_budget
         self.allow_inaccurate = allow_inaccurate
+        self.on_cpu = False  # set by setup: how warm-up runs are timed
         self.largest_pass = largest_pass  # pixels of the largest whole pass (--max-pixels)
         self.warmup_size = warmup_size or spec.config_size  # the size most requests will have
         # Manager dicts the server attaches: what each worker published (for /info), and the
@@ -271,6 +254,7 @@ class RadioAPI(ls.LitAPI):
 
     def setup(self, device: str) -> None:
         configure_logging(self.log_level)  # a spawned worker starts with no logging set up
+        self.on_cpu = not str(device).startswith("cuda")
         if self.threads:
             torch.set_num_threads(self.threads)
         self.backend = load_backend(self.model_spec, device, self.precision, self.require_cuda,
@@ -298,6 +282,11 @@ class RadioAPI(ls.LitAPI):
                     described["precision"], rate, measured["source"], self.budget_megapixels)
         if self.worker_info is not None:
             self.worker_info[self.worker_key] = described
+
+    @property
+    def deadline_s(self) -> float:
+        """Seconds from queueing to a request's deadline (--timeout)."""
+        return self.budget.timeout
 
     @property
     def worker_key(self) -> str:
@@ -355,7 +344,7 @@ class RadioAPI(ls.LitAPI):
 
     def _speed_entry(self) -> str:
         h, w = self.warmup_size
-        return f"v4 {self.name} {h}x{w} to {self.largest_pass} batch {self.max_batch_size}"
+        return f"v5 {self.name} {h}x{w} to {self.largest_pass} batch {self.max_batch_size}"
 
     def _measure_warmup(self) -> speed.Speed:
         """Seconds and peak resident bytes per output megapixel of this endpoint on this
@@ -385,11 +374,16 @@ class RadioAPI(ls.LitAPI):
 
     def _measured_warmup(self, scale: float = 1.0) -> tuple[float, int]:
         """Seconds of one warm-up run and the resident memory it added at its peak (0 where
-        the peak cannot be measured)."""
+        the peak cannot be measured). On a CPU the seconds are the process's CPU time over its
+        threads: what the run takes with its cores to itself, whatever else the machine runs
+        meanwhile (wall time beside a busy 2-thread job was 2-4x the idle figure, and a budget
+        timed so stayed that small for every later start that read it)."""
         base = memory.resident_bytes() if memory.reset_peak() else None
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         self.run([self.warmup_job(scale)])
         seconds = time.perf_counter() - start
+        if self.on_cpu:
+            seconds = min(seconds, (time.process_time() - cpu) / torch.get_num_threads())
         peak = memory.peak_resident_bytes()
         return seconds, 0 if base is None or peak is None else max(peak - base, 0)
 

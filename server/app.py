@@ -1,11 +1,11 @@
 """The LitServer: three LitAPIs (/encode, /decode, /reconstruct), /health, /info, /metrics.
 
 `RadioDiffServer` subclasses litserve's LitServer through server/litserve_adapter.py, the one
-module that touches litserve's private names, and replaces six of its steps:
+module that uses litserve beyond its public API, and replaces six of its steps:
 - routes: payloads are decoded and validated in the HTTP process (server/routes.py), so a bad
   request never reaches a worker, where one failure would fail every request batched with it;
 - request handling: a request waits for its answer until its deadline or until its client
-  goes away, not indefinitely (QueuedRequestHandler; the policy is in server/queueing.py and
+  goes away, not indefinitely (the adapter's handler; the policy is in server/queueing.py and
   server/routes.py);
 - internal endpoints: /health (ready once every worker has loaded the model and run a
   warm-up), /info (model, shapes, limits, request budgets, provider per worker, versions),
@@ -19,7 +19,6 @@ module that touches litserve's private names, and replaces six of its steps:
 """
 from __future__ import annotations
 
-import asyncio
 import logging
 import multiprocessing as mp
 import os
@@ -29,28 +28,26 @@ import socket
 import threading
 import time
 from importlib import metadata
-from collections.abc import Awaitable, Callable
-from typing import Any, Optional
+from typing import Optional
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from litserve.utils import LitAPIStatus, ResponseBufferItem, WorkerSetupStatus
 from starlette.concurrency import run_in_threadpool
 
 from . import metrics
 from .apis import build_apis
 from .budget import BudgetPolicy, budget_report
 from .logs import LOGGER
-from .payloads import Job
 from .protocol import OPERATIONS
-from .queueing import Abandoned, QueueSlots, trusted_networks
+from .queueing import trusted_networks
 from .docs import install_offline_docs
-from .litserve_adapter import STOP_SENTINEL, AdaptedLitServer, AdaptedRequestHandler
+from .litserve_adapter import (STOP_SENTINEL, WORKER_FAILED, WORKER_READY, AdaptedLitServer,
+                               AdaptedRequestHandler)
 from .routes import (HEALTH_RESPONSES, INFO_RESPONSES, METRICS_RESPONSES, Context,
                      MetricsMiddleware, add_operation_route, authorize, install_error_handlers)
 from .settings import Settings, resolve_accelerator
 from .spec import Limits, ModelSpec
-from .supervisor import WorkerSupervisor
+from .supervisor import POLL_SECONDS, WorkerSupervisor
 
 logger = logging.getLogger(LOGGER)
 WORKER_STOP_TIMEOUT = 5.0
@@ -73,8 +70,7 @@ class RadioDiffServer(AdaptedLitServer):
         super().__init__(apis, accelerator=accelerator,
                          workers_per_device=settings.workers_per_device, timeout=settings.timeout,
                          middlewares=[(MetricsMiddleware, {})])
-        self.uvicorn_graceful_timeout = settings.shutdown_timeout
-        self.monitor_internal = 0.5  # the worker-liveness poll period (litserve's spelling)
+        self.set_drain_timeout(settings.shutdown_timeout)
         self.app.title = "radiodiff-vae"
         self.app.version = _version("radiodiff-vae") or "dev"
         self.app.description = ("RadioDiff's first-stage VAE: radio maps <-> latents for a latent "
@@ -117,7 +113,7 @@ class RadioDiffServer(AdaptedLitServer):
         self.queue_pid = started[0] if started else None  # for /info: the manager's process
         self.worker_info = manager.dict()
         self.running = manager.dict()  # worker key -> [(response queue, uid)] of its batch
-        for api in self.litapi_connector:
+        for api in self.endpoint_apis():
             api.worker_info, api.running = self.worker_info, self.running
         return manager
 
@@ -126,12 +122,12 @@ class RadioDiffServer(AdaptedLitServer):
         failed setup, the death of every worker (kill -9, the OOM killer: no status is ever
         reported) or a stop request ends the wait, so a start that cannot succeed exits."""
         while True:
-            statuses = dict(self.workers_setup_status)
-            if any(v == WorkerSetupStatus.READY for v in statuses.values()):
+            states = self.worker_states().values()
+            if WORKER_READY in states:
                 return
-            if any(v == WorkerSetupStatus.ERROR for v in statuses.values()):
+            if WORKER_FAILED in states:
                 raise RuntimeError("an inference worker failed to start; see the log above")
-            workers = getattr(self, "inference_workers", [])
+            workers = self.worker_processes()
             if workers and not any(p.is_alive() for p in workers):
                 codes = ", ".join(str(p.exitcode) for p in workers)
                 raise RuntimeError(f"every inference worker died during start-up (exit codes "
@@ -176,16 +172,16 @@ class RadioDiffServer(AdaptedLitServer):
                 return
             self._stopped = True
         # Without the queue process no answer can reach a client: nothing to drain for.
-        drain = self.uvicorn_graceful_timeout if _alive(self.queue_pid) else 0.0
+        drain = self.drain_timeout() if _alive(self.queue_pid) else 0.0
         logger.info("shutting down: in-flight requests get up to %.0f s", drain)
         stop_listening(self.settings.port)
         for process in uvicorn_workers.values():  # SIGTERM: uvicorn stops accepting and drains
             _stop(process, drain + 2)
-        for api in self.litapi_connector:
+        for api in self.endpoint_apis():
             queue = self.request_queue(api.api_path)
             for _ in self.worker_devices(api.api_path):
                 _quietly(queue.put, STOP_SENTINEL)
-        for process in getattr(self, "inference_workers", []):
+        for process in self.worker_processes():
             # they ignore SIGTERM: the sentinel stops them (none reaches them without a queue)
             process.join(WORKER_STOP_TIMEOUT if drain else 0.1)
             if process.is_alive():
@@ -193,17 +189,17 @@ class RadioDiffServer(AdaptedLitServer):
                 process.kill()
                 process.join(1.0)
         if self._monitor is not None:  # its next check must not meet a dead manager
-            self._monitor.join(self.monitor_internal + 1.0)
+            self._monitor.join(POLL_SECONDS + 1.0)
         _quietly(manager.shutdown)
-        for process in [*uvicorn_workers.values(), *getattr(self, "inference_workers", [])]:
+        for process in [*uvicorn_workers.values(), *self.worker_processes()]:
             metrics.mark_process_dead(process.pid)
         logger.info("shut down")
 
     # internal endpoints ---------------------------------------------------------------------
 
     async def _health(self) -> JSONResponse:
-        statuses = await run_in_threadpool(lambda: dict(self.workers_setup_status))
-        ready = bool(statuses) and all(s == WorkerSetupStatus.READY for s in statuses.values())
+        statuses = await run_in_threadpool(self.worker_states)
+        ready = bool(statuses) and all(s == WORKER_READY for s in statuses.values())
         body = {"status": "ready" if ready else "starting",
                 "workers": {k: str(v) for k, v in sorted(statuses.items())}}
         return JSONResponse(body, status_code=200 if ready else 503)
@@ -220,60 +216,18 @@ class RadioDiffServer(AdaptedLitServer):
         return list(self.worker_info.values())
 
     async def _metrics(self) -> Response:
-        depths = {api.api_path: api.slots.waiting()[0] for api in self.litapi_connector}
+        depths = {api.api_path: api.slots.waiting()[0] for api in self.endpoint_apis()}
         content, media_type = await run_in_threadpool(metrics.render, depths)
         return Response(content, media_type=media_type)
 
 
 class QueuedRequestHandler(AdaptedRequestHandler):
-    """litserve's handler of one endpoint, except that the wait for the worker's answer ends
-    at the request's deadline or when its client goes away, whichever comes first."""
+    """The handler of one endpoint: its queue's slots, its clients' shares, its deadline."""
 
-    @property
-    def slots(self) -> QueueSlots:
-        return self.lit_api.slots
-
-    @property
-    def in_flight(self) -> QueueSlots:
-        return self.lit_api.in_flight
-
-    @property
-    def timeout(self) -> float:
-        return self.lit_api.request_timeout
-
-    async def answer(self, job: Job, gone: Callable[[], Awaitable[None]]) -> Any:
-        """Queue `job` and return the worker's result; raises the worker's HTTPException, or
-        Abandoned when the deadline passes or `gone()` returns first."""
-        uid = await self.submit(job)
-        answered = asyncio.Event()
-        self.server.response_buffer[uid] = ResponseBufferItem(answered)
-        try:
-            abandoned = await _first_of(answered, gone, self.timeout)
-        finally:
-            item = self.server.response_buffer.pop(uid)  # a late answer finds no entry: dropped
-        if abandoned:
-            raise Abandoned(abandoned)
-        response, status = item.response
-        if status == LitAPIStatus.ERROR:
-            self.raise_error_response(response)
-        self.server.fire_on_response()
-        return response
-
-
-async def _first_of(answered: asyncio.Event, gone: Callable[[], Awaitable[None]],
-                    timeout: float) -> Optional[str]:
-    """None once `answered` is set; 'disconnected' when `gone()` returns first; 'deadline'
-    after `timeout` seconds."""
-    answer, left = asyncio.ensure_future(answered.wait()), asyncio.ensure_future(gone())
-    try:
-        done, _ = await asyncio.wait((answer, left), timeout=timeout,
-                                     return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        answer.cancel()
-        left.cancel()
-    if answered.is_set():
-        return None
-    return "disconnected" if left in done else "deadline"
+    def __init__(self, lit_api, server: RadioDiffServer):
+        super().__init__(lit_api, server)
+        self.slots, self.in_flight = lit_api.slots, lit_api.in_flight
+        self.timeout = lit_api.deadline_s
 
 
 def info_document(settings: Settings, ctx: Context, workers: list[dict]) -> dict:

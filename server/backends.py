@@ -9,17 +9,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import replace
 from pathlib import Path
 from typing import Optional, Protocol
 
 import numpy as np
 import torch
 
-from model.checkpoint import load_autoencoder
 from model.config import ModelConfig, from_dict
-from runtime.decision import decide, engines
-from runtime.inference import InferenceModel, default_options
+from model.loading import load
+from runtime.decision import PathRequest, choose, engines
+from runtime.inference import InferenceModel
 from runtime.tiling import Tiler
 
 from .logs import LOGGER
@@ -42,23 +41,20 @@ class Backend(Protocol):
 
 class TorchBackend:
     """The checkpoint's AutoencoderKL through runtime.inference, on the path the recorded
-    decision (runtime/decision.py) names for this worker's endpoint `op`: 'auto' measures the
-    candidates on this machine at `size` once and every process reads that, 'default' is the
-    device's built-in path, any other name pins that path (a `precision` other than 'auto' is
-    the default path in that precision). A path that fails the accuracy gate on these weights
-    is refused unless `allow_inaccurate`. /reconstruct runs the encoder's path then the
-    decoder's, so /encode then /decode gives its bits."""
+    decision names for this worker's endpoint `op`: runtime.decision.choose() decides from the
+    request `path` / `precision` (--path, --precision) built here; this class has no policy of
+    its own. /reconstruct runs the encoder's path then the decoder's, so /encode then /decode
+    gives its bits."""
 
     def __init__(self, spec: ModelSpec, device: str, precision: str = "auto",
                  path: str = "auto", size: Optional[tuple[int, int]] = None,
                  budget_s: float = 60.0, op: str = "reconstruct",
                  allow_inaccurate: bool = False):
         config = from_dict(ModelConfig, spec.model_config, "model")
-        model = load_autoencoder(spec.path, config, map_location="cpu")
-        if precision != "auto":
-            path = replace(default_options(device), precision=precision).describe()
-        self.decision = decide(model, device, size or spec.config_size, path,
-                               allow_inaccurate=allow_inaccurate, budget_s=budget_s)
+        model = load(spec.path, config).model
+        request = PathRequest(tuple(size or spec.config_size), path, precision,
+                              allow_inaccurate=allow_inaccurate, budget_s=budget_s)
+        self.decision = choose(model, device, request)
         ops = ("encode", "decode") if op == "reconstruct" else (op,)
         self.engines = engines(self.decision, model, device, ops)
         self.device = torch.device(device)

@@ -49,7 +49,7 @@ class Handler(Protocol):
     in_flight: QueueSlots
     timeout: float
 
-    async def answer(self, job: Job, gone: Callable[[], Any]) -> Any: ...
+    async def answer(self, job: Job, gone: Callable[[], Any], timeout: float) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -208,7 +208,7 @@ async def _queued(request: Request, path: str, handler: Handler, ctx: Context, j
         raise await _queue_full(path, handler, ctx)
     try:
         return await handler.answer(replace(job, ticket=ticket),
-                                    lambda: client_gone(request.receive))
+                                    lambda: client_gone(request.receive), handler.timeout)
     except Abandoned as err:
         abandoned = err.reason
     except StarletteHTTPException as err:  # a worker's 504 (its batch would end too late),

@@ -42,7 +42,7 @@ class Settings:
     config: Optional[str] = None
     api_key_env: Optional[str] = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    path: str = "auto"  # torch backend: auto (measured, runtime/autotune.py), default, or a name
+    path: str = "auto"  # torch backend: auto (measured: runtime.decision.choose), default, a name
     autotune_budget: float = 60.0  # seconds --path auto may spend measuring (then: recorded)
     allow_inaccurate_path: bool = False  # serve a pinned path that fails the accuracy gate
     trusted_proxies: str = ""  # comma-separated peers whose X-Real-IP names the client
@@ -173,14 +173,16 @@ def _parser() -> argparse.ArgumentParser:
     add("--api-key-env", metavar="NAME",
         help="require the API key held in environment variable NAME")
     add("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-        help="torch backend: the network's arithmetic; auto: as --path decides; fp32, or on "
-             "CUDA bf16 / fp16, pins the default path in that precision (accuracy-gated like "
-             f"--path) {_default('precision')}")
+        help="torch backend: the network's arithmetic; auto: as --path decides; fp32, bf16 or "
+             "fp16: the fastest path measured (as --path auto) among those computing in that "
+             "precision (bf16 / fp16 need CUDA, or for bf16 a CPU with native bf16; "
+             f"accuracy-gated like --path) {_default('precision')}")
     add("--path", metavar="auto|default|NAME",
         help="torch backend: the inference path; auto measures the candidates on this machine "
              "at the served size once and records the decision for every worker and replica "
              "(per machine, weights and size; GET /info shows the table), default is the "
-             "built-in default, a name such as 'bf16+channels_last+fused_attention' pins one "
+             "plain fp32 network (the same on every machine), a name such as "
+             "'bf16+channels_last+fused_attention' pins one "
              "(docs/performance.md); any path but plain fp32 must stay within 50 dB of fp32 on "
              f"these weights or the server refuses to start {_default('path')}")
     add("--allow-inaccurate-path", action="store_const", const=True,

@@ -6,9 +6,9 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 from model.autoencoder import check_network_size
-from model.checkpoint import (CheckpointError, check_finite, latent_scaling, model_config_of,
-                              network_state_dict, read_checkpoint, resolve_checkpoint)
-from model.config import ModelConfig, to_dict
+from model.checkpoint import CheckpointError
+from model.config import to_dict
+from model.loading import choose_weights, read_file
 from model.manifest import MANIFEST_NAME, read_manifest
 from runtime.tiling import Tiler
 
@@ -108,16 +108,14 @@ def describe_model(settings: Settings) -> ModelSpec:
 
 
 def _from_checkpoint(path: Path, config: Optional[str]) -> ModelSpec:
-    try:
-        ckpt_path = resolve_checkpoint(path)
-        ckpt = read_checkpoint(ckpt_path)
-        cfg: ModelConfig = model_config_of(ckpt, ckpt_path, config)
+    try:  # the weights the workers load (model/loading.py's rule), finite, and their scaling
+        chosen = choose_weights(read_file(path), config)
+        cfg = chosen.config
         check_network_size(cfg)  # before any worker allocates it
-        check_finite(network_state_dict(ckpt), ckpt_path)
     except CheckpointError as err:
         raise ModelSourceError(str(err)) from None
-    scaling = latent_scaling(ckpt, cfg.scale_factor)  # both use the default (EMA) weights
-    return ModelSpec("torch", str(ckpt_path), cfg.ddconfig.downsample_factor, cfg.embed_dim,
+    scaling = chosen.scaling
+    return ModelSpec("torch", str(chosen.path), cfg.ddconfig.downsample_factor, cfg.embed_dim,
                      scaling["scale_factor"], to_dict(cfg),
                      scale_factor_source=scaling["scale_factor_source"],
                      latents_mean=scaling["latents_mean"], latents_std=scaling["latents_std"])

@@ -4,7 +4,8 @@ A budget is the cost that fits in a share of the deadline at the endpoint's spee
 per start, under whatever load the machine had, it moved 9.5x between starts and differed
 between replicas (the same request admitted by one, 413 from the other). So the speed is
 measured once, after the kernel choices are settled (runtime/decision.py), as the median of
-several runs, and recorded in a JSON file beside the inference decision; every worker, replica
+several runs (on a CPU, of the runs' CPU time over their threads, which another job on the
+machine barely moves; server/apis.py), and recorded in a JSON file beside the inference decision; every worker, replica
 and restart on the machine reads it and budgets from the same figure. Without a decision file
 (an ONNX export, an unwritable cache) each start measures, with the same robust statistic.
 """

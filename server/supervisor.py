@@ -23,9 +23,8 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING
 
-from litserve.utils import PickleableHTTPException, WorkerSetupStatus
-
 from . import metrics
+from .litserve_adapter import WORKER_READY
 from .logs import LOGGER
 
 if TYPE_CHECKING:
@@ -33,6 +32,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(LOGGER)
 RESTART_WINDOW = 600.0  # seconds: --max-worker-restarts counts the restarts in this window
+POLL_SECONDS = 0.5  # how often the processes are checked
 
 
 class WorkerSupervisor:
@@ -47,10 +47,10 @@ class WorkerSupervisor:
         try:
             while not server.stopping():
                 self._check_http()
-                for index, process in enumerate(server.inference_workers):
+                for index, process in enumerate(server.worker_processes()):
                     if not process.is_alive() and not server.stopping():
                         self._died(index, process)
-                time.sleep(server.monitor_internal)
+                time.sleep(POLL_SECONDS)
         except (OSError, EOFError) as err:  # the manager (queue process) is gone
             if not server.stopping_locally():
                 server.fail(f"the queue process died ({type(err).__name__}: {err})")
@@ -68,10 +68,10 @@ class WorkerSupervisor:
         server = self.server
         lit_api, worker_id = self._slot(index)
         key = f"{lit_api.name}_{worker_id}"
-        status = server.workers_setup_status.get(key)
+        status = server.worker_states().get(key)
         metrics.mark_process_dead(process.pid)
         server.worker_info.pop(key, None)
-        if status != WorkerSetupStatus.READY:
+        if status != WORKER_READY:
             server.fail(f"inference worker {key} (pid {process.pid}) died before it was ready "
                         f"(setup status {status}, exit code {process.exitcode}); see the log "
                         "above")
@@ -84,13 +84,12 @@ class WorkerSupervisor:
             return
         logger.error("inference worker %s (pid %s) died (exit code %s) running %d request(s), "
                      "answered 500; restarting it", key, process.pid, process.exitcode, lost)
-        server.inference_workers[index] = server.launch_single_inference_worker(lit_api,
-                                                                                worker_id)
+        server.restart_worker(index, lit_api, worker_id)
 
     def _slot(self, index: int):
-        """The LitAPI and per-endpoint worker id of inference_workers[index]: litserve lists
-        the workers endpoint by endpoint, in worker-id order."""
-        for lit_api in self.server.litapi_connector:
+        """The LitAPI and per-endpoint worker id of worker_processes()[index], listed
+        endpoint by endpoint, in worker-id order."""
+        for lit_api in self.server.endpoint_apis():
             count = len(self.server.worker_devices(lit_api.api_path))
             if index < count:
                 return lit_api, index
@@ -104,8 +103,7 @@ class WorkerSupervisor:
                   f"{process.exitcode}: killed by the system, often for lack of memory, or "
                   "crashed); it is being restarted; the request was not completed")
         for response_queue_id, uid in requests:
-            self.server.answer_error(response_queue_id, uid, PickleableHTTPException(500, detail),
-                                     worker_id)
+            self.server.answer_error(response_queue_id, uid, 500, detail, worker_id)
             metrics.reject(path, "worker_crashed")
         return len(requests)
 

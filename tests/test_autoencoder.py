@@ -1,11 +1,12 @@
 import torch
 
 from model.autoencoder import AutoencoderKL
+from model.blocks import AttnBlock
 from model.checkpoint import load_into
 from model.config import ModelConfig
+from model.run_config import load_config
 from tests.conftest import tiny_model_config
-from tests.upstream_reference import RefAutoencoderKL
-from train.config import load_config
+from tests.upstream_reference import RefAttn, RefAutoencoderKL
 
 
 def expected_first_radio_keys() -> list[str]:
@@ -77,6 +78,24 @@ def test_matches_upstream_network_output():
                                    moments, atol=1e-5, rtol=0)
         z = posterior.mode()
         torch.testing.assert_close(ours.decode(z), ref.decode(z), atol=1e-5, rtol=0)
+
+
+def test_attention_block_is_upstreams_function_on_the_fused_kernel():
+    """AttnBlock computes upstream's attention (same parameters and key names) in the layout
+    scaled_dot_product_attention runs fused: no unfused math kernel, no HW x HW scores."""
+    torch.manual_seed(0)
+    ref = RefAttn(64).eval()
+    block = AttnBlock(64).eval()
+    load_into(block, ref.state_dict(), "RefAttn")
+    x = torch.randn(2, 64, 8, 8)
+    with torch.inference_mode(), torch.profiler.profile() as prof:
+        out = block(x)
+    torch.testing.assert_close(out, ref(x), rtol=1e-5, atol=1e-5)
+    ops = {event.name for event in prof.events()}
+    assert any("flash_attention" in op for op in ops), sorted(ops)
+    assert "aten::_scaled_dot_product_attention_math" not in ops
+    with torch.inference_mode():  # channels_last activations give the same output
+        torch.testing.assert_close(block(x.to(memory_format=torch.channels_last)), out)
 
 
 def test_attention_resolutions_place_attention_and_run():

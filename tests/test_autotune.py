@@ -47,10 +47,12 @@ def test_the_bench_auto_row_takes_each_operations_precision(tiny):
     one peak for reconstruct), the encoder runs under its own malloc setting, not the
     decoder's."""
     from bench.paths import _auto
-    choice = at.Choice([at.Measured("bf16", 1.0, 1.0, 60.0, 40.0),
-                        at.Measured("fp32+reuse_memory", 5.0, 9.0, 120.0, 110.0),
-                        at.Measured("fp32", 6.0, 10.0)], {})
-    runner = _auto(choice, tiny, torch.device("cpu"))
+    from runtime.decision import Decision
+    rows = [at.Measured("bf16", 1.0, 1.0, 60.0, 40.0),
+            at.Measured("fp32+reuse_memory", 5.0, 9.0, 120.0, 110.0)]
+    decision = Decision("auto", {"encode": "bf16", "decode": "fp32+reuse_memory"},
+                        {m.path: m for m in rows})
+    runner = _auto(decision, tiny, torch.device("cpu"))
     assert [runner.precision_for(op) for op in at.OPS] == ["bf16", "fp32", None]
     assert [runner.reuse_memory_for(op) for op in at.OPS] == [False, True, True]
     x = torch.rand(1, 1, 32, 32) * 2 - 1

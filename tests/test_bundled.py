@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import model.checkpoint as checkpoint
-from model.checkpoint import CheckpointError, load_autoencoder, read_checkpoint, resolve_checkpoint
+from model.checkpoint import CheckpointError, read_checkpoint, resolve_checkpoint
+from model.loading import load
 from server.settings import Settings
 from server.spec import describe_model
 from tests.test_export import write_tiny_checkpoint
@@ -15,7 +16,7 @@ from train.__main__ import main
 def _outputs(path) -> torch.Tensor:
     x = torch.linspace(-1, 1, 64 * 64).reshape(1, 1, 64, 64)
     with torch.no_grad():
-        return load_autoencoder(path)(x, sample_posterior=False)[0]
+        return load(path).model(x, sample_posterior=False)[0]
 
 
 def test_pack_keeps_the_ema_network_config_and_step_only(tmp_path, capsys):

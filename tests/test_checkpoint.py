@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import (CheckpointError, latest_checkpoint, load_autoencoder,
-                              read_checkpoint, save_checkpoint)
+from model.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint, save_checkpoint
 from model.config import to_dict
+from model.loading import load
 from tests.conftest import tiny_model_config
 
 
@@ -32,13 +32,13 @@ def _own_file(tmp_path, model, name="model-3.pt", **extra):
 def test_round_trip_gives_identical_outputs(tmp_path):
     model = _model()
     path = _own_file(tmp_path, model)
-    loaded = load_autoencoder(path)
+    loaded = load(path).model
     assert not loaded.training
     assert torch.equal(_outputs(loaded), _outputs(model))
     # a run directory resolves to its newest milestone
     _own_file(tmp_path, _model(1), name="model-10.pt")
     assert latest_checkpoint(tmp_path).name == "model-10.pt"
-    assert torch.equal(_outputs(load_autoencoder(tmp_path)), _outputs(_model(1)))
+    assert torch.equal(_outputs(load(tmp_path).model), _outputs(_model(1)))
 
 
 def test_upstream_file_with_loss_keys_and_ema(tmp_path):
@@ -52,22 +52,22 @@ def test_upstream_file_with_loss_keys_and_ema(tmp_path):
     path = tmp_path / "model-1.pt"
     torch.save({"step": 7, "model": sd, "ema": ema, "opt_ae": {}, "opt_disc": {}}, path)
     cfg = tiny_model_config()
-    assert torch.equal(_outputs(load_autoencoder(path, config=cfg)), _outputs(ema_net))
-    assert torch.equal(_outputs(load_autoencoder(path, config=cfg, use_ema=False)), _outputs(net))
+    assert torch.equal(_outputs(load(path, config=cfg).model), _outputs(ema_net))
+    assert torch.equal(_outputs(load(path, config=cfg, use_ema=False).model), _outputs(net))
 
 
 def test_plain_and_state_dict_layouts(tmp_path):
     net = _model()
     for i, payload in enumerate(({"state_dict": net.state_dict()}, net.state_dict())):
         torch.save(payload, tmp_path / f"m{i}.pt")
-        loaded = load_autoencoder(tmp_path / f"m{i}.pt", config=tiny_model_config())
+        loaded = load(tmp_path / f"m{i}.pt", config=tiny_model_config()).model
         assert torch.equal(_outputs(loaded), _outputs(net))
 
 
 def test_upstream_file_without_config_asks_for_one(tmp_path):
     torch.save({"model": _model().state_dict()}, tmp_path / "model-1.pt")
     with pytest.raises(CheckpointError, match="stores no config.*first_radio.yaml"):
-        load_autoencoder(tmp_path / "model-1.pt")
+        load(tmp_path / "model-1.pt")
 
 
 def test_truncated_file_is_refused_with_its_name(tmp_path):
@@ -75,7 +75,7 @@ def test_truncated_file_is_refused_with_its_name(tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
     with pytest.raises(CheckpointError, match=r"model-3\.pt.*not a readable torch checkpoint"):
-        load_autoencoder(path)
+        load(path)
 
 
 def test_foreign_file_is_refused(tmp_path):
@@ -83,19 +83,19 @@ def test_foreign_file_is_refused(tmp_path):
     with pytest.raises(CheckpointError, match=r"noise\.pt: not a torch checkpoint: expected a "
                        r"file written by torch.save \(a zip archive\), found other bytes "
                        r"\(starting 00 01 02"):
-        load_autoencoder(tmp_path / "noise.pt")
+        load(tmp_path / "noise.pt")
     path = tmp_path / "notes.pt"
     path.write_text("these are not weights\n")  # torch.load's own error: "KeyError 116"
     with pytest.raises(CheckpointError, match=r"notes.pt: not a torch checkpoint: .* found a "
                        r"text file \(starting 'these are not weights'\)$"):
-        load_autoencoder(path)
+        load(path)
     (tmp_path / "empty.pt").write_bytes(b"")
     with pytest.raises(CheckpointError, match="found an empty file"):
-        load_autoencoder(tmp_path / "empty.pt")
+        load(tmp_path / "empty.pt")
     with pytest.raises(CheckpointError, match="no such checkpoint"):
-        load_autoencoder(tmp_path / "missing.pt")
+        load(tmp_path / "missing.pt")
     with pytest.raises(CheckpointError, match="no model-N.pt"):
-        load_autoencoder(tmp_path)
+        load(tmp_path)
 
 
 class _Exploit:
@@ -107,7 +107,7 @@ def test_pickled_callable_is_refused_without_running(tmp_path, capsys):
     path = tmp_path / "evil.pt"
     torch.save({"model": _Exploit()}, path)
     with pytest.raises(CheckpointError, match=r"refused.*builtins\.print"):
-        load_autoencoder(path, config=tiny_model_config())
+        load(path, config=tiny_model_config())
     assert "pwned" not in capsys.readouterr().out
 
 
@@ -197,14 +197,14 @@ def test_wrong_config_names_the_mismatch(tmp_path):
     bigger = tiny_model_config()
     bigger.ddconfig.ch = 64
     with pytest.raises(CheckpointError, match=r"shape mismatch.*encoder\.conv_in\.weight"):
-        load_autoencoder(path, config=bigger)
+        load(path, config=bigger)
     deeper = tiny_model_config()
     deeper.ddconfig.num_res_blocks = 2
     with pytest.raises(CheckpointError, match=r"weights missing: encoder\.down\.0\.block\.1"):
-        load_autoencoder(path, config=deeper)
+        load(path, config=deeper)
     torch.save({"model": {"something.else": torch.zeros(1)}}, tmp_path / "other.pt")
     with pytest.raises(CheckpointError, match="no autoencoder weights"):
-        load_autoencoder(tmp_path / "other.pt", config=tiny_model_config())
+        load(tmp_path / "other.pt", config=tiny_model_config())
 
 
 def test_atomic_save_leaves_no_temp_files(tmp_path):

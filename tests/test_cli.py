@@ -30,7 +30,7 @@ def test_no_command_line_accepts_an_abbreviated_option(tmp_path, capsys):
     from export.__main__ import build_parser as export_parser
     from server.settings import parse_settings
     from train.__main__ import main as train_main
-    from train.data.__main__ import main as data_main
+    from radiomaps.__main__ import main as data_main
     assert parsers_allowing_abbreviations() == []
     never = str(tmp_path / "never")  # should an abbreviation pass, nothing trains or writes
     cases = [(train_main, ["--cfg", never, "--resum"], "--resum"),

@@ -1,7 +1,7 @@
 import pytest
 
 from model.config import ConfigError
-from train.config import load_config
+from model.run_config import load_config
 
 
 def test_bundled_configs_load_with_upstream_values():

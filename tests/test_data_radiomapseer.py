@@ -10,9 +10,9 @@ from PIL import Image
 
 from model.config import ConfigError
 from model.io import read_png, to_model
-from train.config import DataConfig
-from train.data import DataError, build_dataset, build_loader, validation_subset
-from train.data.splits import spanning_subset, split_map_ids
+from model.run_config import DataConfig
+from radiomaps import DataError, build_dataset, build_loader, validation_subset
+from radiomaps.splits import spanning_subset, split_map_ids
 
 NUM_MAPS, NUM_TX = 10, 3  # maps 0..10 on disk (map 0 is never read, as upstream)
 SIMULATIONS = ("DPM", "IRT2", "IRT4", "carsDPM", "carsIRT2", "carsIRT4")

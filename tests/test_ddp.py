@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from model.checkpoint import load_autoencoder, read_checkpoint
+from model.checkpoint import read_checkpoint
+from model.loading import load
 from tests.test_trainer import steps, tiny_run
 from train.logging import read_metrics
 
@@ -36,7 +37,7 @@ def test_two_process_gloo_run_trains_and_only_rank0_writes(tmp_path):
     ckpt = read_checkpoint(run_dir / "model-2.pt")
     assert ckpt["step"] == 4 and len(ckpt["rng"]) == 2  # each rank's RNG, for resume
     assert not any(k.startswith("module.") or ".module." in k for k in ckpt["model"])
-    model = load_autoencoder(run_dir)
+    model = load(run_dir).model
     out = model(torch.zeros(1, 1, 32, 32), sample_posterior=False)[0]
     assert torch.isfinite(out).all()
 

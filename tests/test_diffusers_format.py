@@ -17,8 +17,8 @@ from model.autoencoder import AutoencoderKL
 from model.checkpoint import save_checkpoint
 from model.config import to_dict
 from model.io import to_model
+from model.run_config import load_config
 from tests.conftest import tiny_model_config
-from train.config import load_config
 
 # Names as diffusers' AutoencoderKL lays them out (Encoder/Decoder/UNetMidBlock2D/Attention).
 DIFFUSERS_NAMES = [

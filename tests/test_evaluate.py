@@ -9,8 +9,8 @@ from torch import nn
 
 from model.io import from_model, to_model
 from model.metrics import METRIC_NAMES
-from train.data import RadioMapDataset, build_loader
-from train.data.base import resize
+from radiomaps import RadioMapDataset, build_loader
+from radiomaps.base import resize
 from train.evaluate import (SAME, WORST, evaluate, format_table, means_from_sums, metric_sums,
                             summarize)
 

@@ -13,8 +13,9 @@ from export.ort_session import make_session
 from export.parity import check_parity
 from export.precise_norm import precise_instance_norms
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import EMA_PREFIX, load_autoencoder, save_checkpoint
+from model.checkpoint import EMA_PREFIX, save_checkpoint
 from model.config import to_dict
+from model.loading import load
 from model.manifest import ManifestError, read_manifest, sha256_file
 from tests.conftest import tiny_model_config
 
@@ -101,8 +102,8 @@ def test_graph_interface_is_float32_with_symbolic_batch_height_width(exported):
 
 
 def test_graphs_match_torch_at_other_batch_sizes_and_shapes(exported, ckpt):
-    ae = load_autoencoder(ckpt)  # EMA weights, as exported
-    raw = load_autoencoder(ckpt, use_ema=False)
+    ae = load(ckpt).model  # EMA weights, as exported
+    raw = load(ckpt, use_ema=False).model
     enc = make_session(exported / "encoder.onnx", "cpu")
     dec = make_session(exported / "decoder.onnx", "cpu")
     # The graphs were traced at batch 2, 32x48; parity ran at 64x64 and 32x64 (batch 1-3).
@@ -167,7 +168,7 @@ def test_verify_against_source_and_a_different_checkpoint(exported, ckpt, tmp_pa
 
 def test_parity_check_fails_with_figures_for_other_weights(exported, tmp_path):
     # Same architecture, other weights; configured at 16x16 so the check runs small.
-    other = load_autoencoder(write_tiny_checkpoint(tmp_path / "other.pt", seed=1, size=16))
+    other = load(write_tiny_checkpoint(tmp_path / "other.pt", seed=1, size=16)).model
     report = check_parity(other, make_session(exported / "encoder.onnx", "cpu"),
                           make_session(exported / "decoder.onnx", "cpu"))
     assert not report.passed

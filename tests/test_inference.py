@@ -7,13 +7,11 @@ import torch
 import torch.nn.functional as F
 
 from model.autoencoder import AutoencoderKL
-from model.blocks import AttnBlock
 from runtime import fast_layers
-from runtime.fast_layers import (FusedAttention, PointwiseConv2d, WinogradConv2d,
-                                 use_fused_attention, use_matmul_1x1, use_winograd,
+from runtime.fast_layers import (PointwiseConv2d, WinogradConv2d, use_matmul_1x1, use_winograd,
                                  winograd_available)
-from runtime.inference import InferenceOptions, default_options, prepare_for_inference
-from runtime.malloc import glibc
+from runtime import inference, machine
+from runtime.inference import InferenceOptions, prepare_for_inference
 from tests.conftest import tiny_model_config
 
 needs_nnpack = pytest.mark.skipif(not winograd_available(), reason="torch built without NNPACK")
@@ -184,28 +182,6 @@ def test_winograd_conv_falls_back_where_nnpack_cannot_run():
     torch.testing.assert_close(double, expected)
 
 
-def test_fused_attention_keeps_parameters_and_output_and_takes_the_fused_kernel():
-    torch.manual_seed(0)
-    block = AttnBlock(64).eval()
-    fused = FusedAttention(block)
-    assert list(fused.state_dict()) == list(block.state_dict())
-    x = torch.randn(2, 64, 8, 8)
-    with torch.inference_mode(), torch.profiler.profile() as prof:
-        out = fused(x)
-    torch.testing.assert_close(out, block(x), rtol=1e-5, atol=1e-5)
-    ops = {event.name for event in prof.events()}
-    assert any("flash_attention" in op for op in ops), sorted(ops)
-    assert "aten::_scaled_dot_product_attention_math" not in ops
-
-
-def test_fused_attention_swaps_every_attention_block(tiny):
-    model = copy.deepcopy(tiny)
-    blocks = [m for m in model.modules() if type(m) is AttnBlock]
-    # attn_resolutions [16]: one in the encoder, two in the decoder, plus the two mid blocks
-    assert use_fused_attention(model) == len(blocks) == 5
-    assert not any(type(m) is AttnBlock for m in model.modules())
-
-
 def test_bf16_autocast_stays_close_and_returns_float32(tiny, reference):
     z = reference["mean"][:1, :, :4, :4]  # small: CPUs without native bf16 emulate it slowly
     with torch.no_grad():
@@ -216,12 +192,19 @@ def test_bf16_autocast_stays_close_and_returns_float32(tiny, reference):
     assert 0 < err < 0.25  # bf16 has an 8-bit mantissa: close, never identical
 
 
-def test_defaults_per_device():
-    assert default_options("cpu") == InferenceOptions(
-        winograd=winograd_available(), matmul_1x1=True, fused_attention=True,
-        reuse_memory=glibc() is not None)
-    assert default_options("cuda") == InferenceOptions(precision="fp16", channels_last=True,
-                                                       fused_attention=True)
+def test_no_options_is_the_plain_fp32_network_whatever_the_machine(tiny, monkeypatch):
+    """No machine-dependent default: with no options every toggle is off, whatever this CPU
+    has (NNPACK, glibc, native bf16); the fastest path is measured (runtime/decision.py)."""
+    assert not hasattr(inference, "default_options")
+    seen = []
+    for has in (False, True):
+        monkeypatch.setattr(inference, "winograd_available", lambda: has)
+        monkeypatch.setattr(inference, "glibc", lambda: object() if has else None)
+        monkeypatch.setattr(machine, "cpu_flags", lambda: {"avx512_bf16", "amx_bf16"} if has
+                            else set())
+        seen.append(prepared(tiny).options)
+    assert seen == [InferenceOptions(), InferenceOptions()]
+    assert InferenceOptions().describe() == "fp32"
 
 
 def test_fp16_within_range_stays_fp16_and_close(tiny, maps, reference):

@@ -11,9 +11,12 @@ import torch
 from export.__main__ import main as export_main
 from export.diffusers_format import diffusers_config
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import (LATENT_STATS_KEY, WEIGHTS_DIR, CheckpointError, latent_scaling,
-                              latent_stats, load_autoencoder, read_checkpoint, save_checkpoint)
+from model.checkpoint import (LATENT_STATS_KEY, WEIGHTS_DIR, CheckpointError, latent_stats,
+                              read_checkpoint, save_checkpoint)
+from model.loading import latent_scaling, load
 from model.manifest import ManifestError, read_manifest, sha256_file, validate_manifest
+from model.run_config import load_config
+from radiomaps import build_dataset
 from server.apis import DecodeAPI, EncodeAPI
 from server.app import info_document
 from server.payloads import Job
@@ -23,8 +26,6 @@ from server.spec import describe_model, limits_of
 from tests.conftest import tiny_model_config
 from tests.test_export import write_tiny_checkpoint
 from train.__main__ import main
-from train.config import load_config
-from train.data import build_dataset
 from train.latent_stats import ChannelMoments
 
 DATA = ["data.name=synthetic", "data.num_maps=12", "data.num_tx=2", "data.image_size=[64,64]",
@@ -51,7 +52,7 @@ def stats(ckpt) -> dict:
 def direct_latents(ckpt) -> tuple[np.ndarray, np.ndarray]:
     """Posterior samples and means of the train split, batch by batch as the command draws them."""
     dataset = build_dataset(load_config(read_checkpoint(ckpt)["config"], DATA).data, "train")
-    model, generator = load_autoencoder(ckpt), torch.Generator().manual_seed(SEED)
+    model, generator = load(ckpt).model, torch.Generator().manual_seed(SEED)
     samples, means = [], []
     with torch.no_grad():
         for start in range(0, len(dataset), 4):

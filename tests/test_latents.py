@@ -16,10 +16,10 @@ import torch
 
 from export.__main__ import main as export_main
 from export.latent_shards import LatentShardError, LatentShards
-from model.checkpoint import load_autoencoder
+from model.loading import load
+from model.run_config import load_config
+from radiomaps import build_dataset
 from tests.test_export import write_tiny_checkpoint
-from train.config import load_config
-from train.data import build_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ["data.name=synthetic", "data.num_maps=24", "data.num_tx=3", "data.image_size=[64,64]",
@@ -61,7 +61,7 @@ def test_shards_round_trip_the_posterior_of_every_map(written, ckpt):
     shards, data = LatentShards(written), _dataset()
     assert len(shards) == len(data) == 51
     assert len(shards.index["shards"]) == 7 and shards.index["latent_shape"] == [3, 16, 16]
-    ae = load_autoencoder(ckpt).eval()
+    ae = load(ckpt).model
     for i in (0, 9, 50):
         item = shards[i]
         assert (item["map_id"], item["tx"]) == data.locate(i) and item["item"] == i

@@ -7,7 +7,7 @@ from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from model.metrics import (DB_PER_GRAY, building_error, mean_metrics, nmse,
                            per_sample_metrics, psnr, rmse, rmse_db, ssim, tx_rmse_db)
-from train.data.synthetic import city, sample
+from radiomaps.synthetic import city, sample
 
 
 def _skimage_ssim(a: np.ndarray, b: np.ndarray) -> float:
@@ -169,7 +169,7 @@ def test_radio_metrics_are_nan_without_pixels_to_average_and_need_a_bool_mask():
 
 def test_gain_to_db_scaling_has_one_definition():
     import model.io
-    import train.data.synthetic as synthetic
+    import radiomaps.synthetic as synthetic
     assert (synthetic.GAIN_MAX_DB, synthetic.GAIN_MIN_DB) == (-47.0, -147.0)
     assert synthetic.GAIN_MAX_DB is model.io.GAIN_MAX_DB
     assert DB_PER_GRAY == 100.0

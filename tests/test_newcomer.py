@@ -43,7 +43,7 @@ def test_the_server_takes_localhost():
 
 def test_git_ignores_where_the_docs_write_but_not_the_data_package():
     ignored = subprocess.run(["git", "check-ignore", "data/RadioMapSeer/x.png",
-                              "exports/first_radio/manifest.json", "train/data/base.py"],
+                              "exports/first_radio/manifest.json", "radiomaps/base.py"],
                              cwd=REPO, capture_output=True, text=True)
     assert ignored.stdout.split() == ["data/RadioMapSeer/x.png",
                                       "exports/first_radio/manifest.json"]

@@ -11,7 +11,8 @@ import yaml
 
 from export.__main__ import main as export_main
 from export.radiodiff_config import build, upstream_state_dict
-from model.checkpoint import load_autoencoder, read_checkpoint
+from model.checkpoint import read_checkpoint
+from model.loading import load
 from tests.test_export import write_tiny_checkpoint
 from tests.upstream_reference import RefAutoencoderKL
 
@@ -48,7 +49,7 @@ def test_every_network_key_loads_under_upstreams_rule_with_the_ema_weights(writt
     ckpt, block = written
     net, missing = _replay_upstream_load(block)
     assert missing == []
-    ours = load_autoencoder(ckpt)  # EMA weights
+    ours = load(ckpt).model  # EMA weights
     x = torch.rand(1, 1, 64, 64) * 2 - 1
     with torch.no_grad():
         posterior = ours.encode(x)

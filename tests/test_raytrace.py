@@ -16,13 +16,13 @@ import numpy as np
 import pytest
 
 from model.io import read_png
-from train.config import DataConfig
-from train.data import RadioMapSeer, build_dataset
-from train.data.extrude import outlines, receiver_cells, wall_mesh
-from train.data.raytrace import (SIMULATIONS, DatasetMismatch, Generation, Geometry, generate,
+from model.run_config import DataConfig
+from radiomaps import RadioMapSeer, build_dataset
+from radiomaps.extrude import outlines, receiver_cells, wall_mesh
+from radiomaps.raytrace import (SIMULATIONS, DatasetMismatch, Generation, Geometry, generate,
                                  raytrace_city, seed_noise_db, write_scene)
-from train.data.sionna_backend import RayTracerUnavailable, load_sionna_rt
-from train.data.synthetic import city
+from radiomaps.sionna_backend import RayTracerUnavailable, load_sionna_rt
+from radiomaps.synthetic import city
 
 ROOT = Path(__file__).resolve().parents[1]
 FEW_RAYS = 3000  # enough to light the streets of a test city in a second or two
@@ -129,7 +129,7 @@ def test_same_seed_same_map_other_seed_within_the_noise(sionna_rt, tmp_path):
 
 
 def test_killed_and_resumed_generation_writes_the_same_files(sionna_rt, tmp_path):
-    args = [sys.executable, "-m", "train.data", "raytrace", "--maps", "3", "--tx", "1",
+    args = [sys.executable, "-m", "radiomaps", "raytrace", "--maps", "3", "--tx", "1",
             "--simulations", "DPM", "--samples", str(FEW_RAYS)]
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     subprocess.run(args + ["--out", str(whole)], cwd=ROOT, check=True, capture_output=True)
@@ -160,7 +160,7 @@ def test_no_usable_llvm_is_a_clear_error(sionna_rt, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "DRJIT_LIBLLVM_PATH"}
     env["RADIODIFF_LLVM_DIRS"] = str(tmp_path)  # an empty folder: nothing to find
     (tmp_path / "libLLVM-15.so.1").write_bytes(b"")  # too old: never taken
-    out = subprocess.run([sys.executable, "-m", "train.data", "raytrace", "--out",
+    out = subprocess.run([sys.executable, "-m", "radiomaps", "raytrace", "--out",
                           str(tmp_path / "d"), "--maps", "1"], cwd=ROOT, env=env,
                          capture_output=True, text=True)
     assert out.returncode == 2, out.stderr

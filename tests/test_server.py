@@ -28,10 +28,11 @@ import requests
 import torch
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import load_autoencoder, save_checkpoint
+from model.checkpoint import save_checkpoint
 from model.config import to_dict
 from model.distributions import DiagonalGaussianDistribution
 from model.io import decode_png, encode_npy, encode_png, from_model, to_model
+from model.loading import load
 from server.budget import Budget
 from server.client import Client, ServerError
 from tests.conftest import tiny_model_config
@@ -94,7 +95,7 @@ def server(tmp_path_factory):
             "--max-pixels", str(MAX_PIXELS), "--max-batch-size", "8",
             "--max-request-cost", str(MAX_COST)]
     with running_server(root, args, env) as (url, port, proc, log):
-        yield Server(url, port, proc, load_autoencoder(ckpt), log)
+        yield Server(url, port, proc, load(ckpt).model, log)
 
 
 def save_tiny_checkpoint(root: Path) -> Path:

@@ -11,13 +11,13 @@ import pytest
 import requests
 import torch
 
-from model.checkpoint import load_autoencoder
 from model.io import encode_npy, from_model, to_model
+from model.loading import load
 from runtime.inference import InferenceModel, prepare_for_inference
 from runtime.tiling import Tiler
 from server.apis import DecodeAPI
-from server.payloads import Job
 from server.client import Client, ServerError
+from server.payloads import Job
 from server.settings import Settings
 from server.spec import describe_model
 from tests.test_server import (ATOL, KEY, Server, _maps, _npy, concurrent_batches,
@@ -40,7 +40,7 @@ def server(tmp_path_factory):
             "--max-batch-size", "4"]
     env = {"RADIODIFF_TEST_KEY": KEY, "RADIODIFF_BATCH_TIMEOUT": "0.05"}
     with running_server(root, args, env) as (url, port, proc, log):
-        yield Server(url, port, proc, load_autoencoder(ckpt), log)
+        yield Server(url, port, proc, load(ckpt).model, log)
 
 
 @pytest.fixture(scope="module")

@@ -15,9 +15,10 @@ import pytest
 import torch
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import load_autoencoder, save_checkpoint
+from model.checkpoint import save_checkpoint
 from model.config import to_dict
 from model.io import encode_npy, from_model, to_model
+from model.loading import load
 from runtime.inference import prepare_for_inference
 from runtime.tiling import Tiler
 from server.__main__ import main
@@ -170,7 +171,7 @@ def test_onnx_backend_serves_an_export_like_the_model(export_dir, checkpoint):
         api.setup("cpu")  # what each inference worker runs, warm-up (timed) included
         assert 0 < api.budget_megapixels < float("inf")
     assert encode.backend.describe()["provider"] == "CPUExecutionProvider"
-    model = load_autoencoder(checkpoint)
+    model = load(checkpoint).model
     rng = np.random.default_rng(2)
     maps = [rng.random((n, 1, 64, 64), dtype=np.float32) for n in (1, 3)]
     jobs = [Job(maps[0]), Job(maps[1], mode="sample", seed=5)]  # 4 maps: two forward passes
@@ -191,7 +192,7 @@ def test_onnx_backend_runs_tiled_jobs_like_the_torch_library(export_dir, checkpo
                                    for cls in (EncodeAPI, DecodeAPI, ReconstructAPI))
     for api in (encode, decode, reconstruct):
         api.setup("cpu")
-    engine = prepare_for_inference(load_autoencoder(checkpoint), "cpu")
+    engine = prepare_for_inference(load(checkpoint).model, "cpu")
     engine.enable_tiling(64, 32)
     tiler = Tiler(64, 32, spec.downsample_factor)
     maps = np.random.default_rng(3).random((3, 1, 128, 96), dtype=np.float32)
@@ -267,7 +268,7 @@ class _Transport:
 
 class _Endpoint:
     """The members of a RadioAPI the batch loop reads, at given speeds and deadlines."""
-    api_path, max_batch_size, batch_timeout, request_timeout = "/reconstruct", 4, 0.0, 6.0
+    api_path, max_batch_size, batch_timeout, deadline_s = "/reconstruct", 4, 0.0, 6.0
     budget_megapixels, seconds_per_megapixel = 0.3, 10.0  # a whole budget takes 3 s
 
     def __init__(self):

@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from model.io import to_model
-from train.config import DataConfig, load_config
-from train.data import SyntheticRadioMaps, build_dataset, build_loader
-from train.data.__main__ import main as data_cli
-from train.data.synthetic import (Propagation, city, path_gain, path_gain_db, sample,
+from model.run_config import DataConfig, load_config
+from radiomaps import SyntheticRadioMaps, build_dataset, build_loader
+from radiomaps.__main__ import main as data_cli
+from radiomaps.synthetic import (Propagation, city, path_gain, path_gain_db, sample,
                                   wall_crossings)
 
 PROP = Propagation()

@@ -4,10 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model.checkpoint import load_autoencoder
+from model.loading import load
+from radiomaps.synthetic import path_gain, place_transmitter, random_city
 from runtime.inference import prepare_for_inference
 from runtime.tiling import Tiler, seam_band, tile_starts
-from train.data.synthetic import path_gain, place_transmitter, random_city
 
 
 def test_tiles_cover_the_map_with_the_last_flush_with_the_edge():
@@ -39,7 +39,7 @@ def test_bad_tiles_are_refused():
 
 @pytest.fixture(scope="module")
 def engine():
-    return prepare_for_inference(load_autoencoder("reference").eval(), "cpu")
+    return prepare_for_inference(load("reference").model, "cpu")
 
 
 def _map(size: int) -> torch.Tensor:

@@ -13,14 +13,14 @@ import pytest
 import torch
 import yaml
 
-from model.checkpoint import (CheckpointError, latest_checkpoint, load_autoencoder,
-                              read_checkpoint)
-from model.config import ConfigError
 from model.autoencoder import AutoencoderKL
-from train import distributed
+from model.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
+from model.config import ConfigError
+from model.loading import load
+from model.run_config import DataConfig, TrainerConfig, load_config
+from radiomaps import build_dataset
+from runtime import distributed
 from train.__main__ import main
-from train.config import DataConfig, TrainerConfig, load_config
-from train.data import build_dataset
 from train.ema import EMA, ema_decay
 from train.logging import read_metrics
 from train.memory import GIB, choose_checkpointing, step_bytes
@@ -123,7 +123,7 @@ def test_phase1_leaves_the_critic_alone_and_phase2_trains_both(tmp_path, data):
     assert "loss.logvar" in second["model"]
     assert "ema_model.decoder.conv_out.weight" in second["ema"]
     assert second["config"]["model"]["lossconfig"]["disc_start"] == 2
-    ema = load_autoencoder(run_dir / "model-2.pt")  # no config argument needed
+    ema = load(run_dir / "model-2.pt").model  # no config argument needed
     assert torch.equal(ema.decoder.conv_out.weight, second["ema"]["ema_model.decoder.conv_out.weight"])
     assert (run_dir / "sample-2.png").is_file()
     val = [r for r in read_metrics(run_dir) if "val/psnr" in r]
@@ -484,20 +484,13 @@ def test_upstream_file_fine_tunes_with_its_critic_and_resumes_as_a_warm_start(tm
     assert sorted(steps(tmp_path / "run")) == [2, 3]
 
 
-def test_training_runs_the_fused_attention_layout_and_saves_plain_autoencoder_weights(tmp_path,
-                                                                                     data):
-    from model.autoencoder import AutoencoderKL
-    from runtime.fast_layers import FusedAttention
+def test_the_saved_checkpoint_loads_the_network_the_trainer_trained(tmp_path, data):
     trainer = run(tiny_run(tmp_path, train_num_steps=2), data)
-    fused = [m for m in trainer.model.modules() if isinstance(m, FusedAttention)]
-    assert len(fused) == 2  # the encoder's and the decoder's mid-block attention
-    plain = load_autoencoder(latest_checkpoint(tmp_path / "run"))  # upstream AttnBlock modules
-    assert not any(isinstance(m, FusedAttention) for m in plain.modules())
-    assert plain.state_dict().keys() == AutoencoderKL.from_config(
-        load_config(tiny_run(tmp_path)).model).state_dict().keys()
+    loaded = load(latest_checkpoint(tmp_path / "run"))
+    assert loaded.weights == "ema" and loaded.step == 2 and loaded.source == "project"
     x = data[1][0]["image"][None]
     with torch.no_grad():
-        ema = trainer.ema.ema_model
+        ema, plain = trainer.ema.ema_model, loaded.model
         assert torch.allclose(ema.decode(ema.encode(x).mode()),
                               plain.decode(plain.encode(x).mode()), atol=1e-5)
 

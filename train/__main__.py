@@ -54,9 +54,9 @@ def _train_parser() -> argparse.ArgumentParser:
 
 def train_command(argv: list[str]) -> int:
     args = _train_parser().parse_args(argv)
-    from train.config import load_config
-    from train.data import DataError
-    from train.distributed import teardown
+    from model.run_config import load_config
+    from radiomaps import DataError
+    from runtime.distributed import teardown
     from train.trainer import Trainer, TrainingDiverged, checkpoint_to_resume, gather_inputs
     trainer = None
     try:
@@ -121,7 +121,7 @@ def report_command(argv: list[str]) -> int:
 
 
 def eval_command(argv: list[str]) -> int:
-    from train.loading import add_split_arguments
+    from train.split_commands import add_split_arguments
     p = argparse.ArgumentParser(prog="python -m train eval", allow_abbrev=False,
                                 description="Reconstruction PSNR/SSIM/NMSE/RMSE and radio-map "
                                             "metrics (dB) of a checkpoint (EMA weights) on a "
@@ -130,9 +130,9 @@ def eval_command(argv: list[str]) -> int:
     add_split_arguments(p, "test")
     p.add_argument("--no-ema", action="store_true", help="use the raw weights, not the EMA")
     args = p.parse_args(argv)
-    from train.data import DataError
+    from radiomaps import DataError
     from train.evaluate import evaluate_checkpoint, format_definitions, format_table
-    from train.loading import write_json
+    from train.split_commands import write_json
     try:
         results = evaluate_checkpoint(args.ckpt, args.split, args.cfg, args.overrides,
                                       use_ema=not args.no_ema, max_maps=args.max_maps)
@@ -147,14 +147,14 @@ def eval_command(argv: list[str]) -> int:
 
 def latent_stats_command(argv: list[str]) -> int:
     """`latent-stats`: see train/latent_stats.py."""
-    from train.data import DataError
+    from radiomaps import DataError
     from train.latent_stats import command
     return command(argv, (*USER_ERRORS, DataError))
 
 
 def latent_check_command(argv: list[str]) -> int:
     """`latent-check`: see train/latent_check.py."""
-    from train.data import DataError
+    from radiomaps import DataError
     from train.latent_check import command
     return command(argv, (*USER_ERRORS, DataError))
 
@@ -176,7 +176,7 @@ def pack_command(argv: list[str]) -> int:
 
 def figures_command(argv: list[str]) -> int:
     """`figures`: see train/figures.py."""
-    from train.data import DataError
+    from radiomaps import DataError
     from train.figures import command
     return _user_errors_exit_2(command, argv,
                                (*USER_ERRORS, DataError, KeyError, json.JSONDecodeError))

@@ -16,11 +16,11 @@ from model.autoencoder import AutoencoderKL
 from model.io import from_model
 from model.literature_metrics import DEFINITIONS, SOURCES, definition_metrics
 from model.metrics import METRIC_NAMES, per_sample_metrics
-from train.config import RunConfig
-from train.data import RadioMapDataset, validation_subset
-from train.data.base import resize
-from train.loading import load_checkpoint_run, tracked_loader, whole_maps
+from model.run_config import RunConfig, load_run
+from radiomaps import RadioMapDataset, validation_subset, whole_maps
+from radiomaps.base import resize
 from train.logging import _json_number as _number  # NaN / Inf as strings
+from train.split_commands import tracked_loader
 
 ERROR_GAIN = 4.0  # |error| is drawn x4 (clipped) so small errors stay visible
 WORST, BEST = 10, 3  # maps listed by PSNR in the eval JSON
@@ -202,7 +202,7 @@ def evaluate(model: AutoencoderKL, loader: Iterable[dict], device: torch.device)
 
 def eval_dataset(run: RunConfig, split: str) -> RadioMapDataset:
     """The split's whole maps (no flips or crops), with their native maps when resized."""
-    dataset = whole_maps(run, split)
+    dataset = whole_maps(run.data, split)
     dataset.with_native = True
     return dataset
 
@@ -213,10 +213,10 @@ def evaluate_checkpoint(ckpt: str | Path, split: str = "test", cfg: str | Path |
     """Metrics of a checkpoint's reconstructions over a whole split (with `max_maps`, the subset
     spanning its maps that validation uses). The run config is `cfg` if given, else the one
     the checkpoint stores."""
-    loaded = load_checkpoint_run(ckpt, cfg, overrides, use_ema)
+    loaded = load_run(ckpt, cfg, overrides, use_ema)
     dataset = eval_dataset(loaded.run, split)
     subset = dataset if max_maps is None else validation_subset(dataset, max_maps,
                                                                 loaded.run.data.seed)
-    return {"checkpoint": str(loaded.path), "step": loaded.state.get("step"), "split": split,
+    return {"checkpoint": str(loaded.path), "step": loaded.step, "split": split,
             "weights": loaded.weights, "split_maps": len(dataset),
             **evaluate(loaded.model, tracked_loader(loaded.run, subset, f"eval {split}"), loaded.device)}

@@ -12,8 +12,9 @@ import torch
 
 from model.io import from_model
 from model.metrics import DB_PER_GRAY
-from train.data.base import resize
-from train.loading import load_checkpoint_run, whole_maps
+from model.run_config import load_run
+from radiomaps import whole_maps
+from radiomaps.base import resize
 from train.logging import read_metrics
 
 CURVES = ("val/psnr", "val/ssim", "val/rmse_db", "val/tx_rmse_db", "val/building_error")
@@ -55,8 +56,8 @@ def curves_png(run_dir: str | Path, out: str | Path) -> Path:
 @torch.no_grad()
 def maps_png(ckpt: str | Path, entries: list[dict], split: str, out: str | Path) -> Path:
     """Rows of input | reconstruction | |error| (dB) for eval entries ({"name", "psnr", ...})."""
-    loaded = load_checkpoint_run(ckpt)
-    dataset = whole_maps(loaded.run, split)
+    loaded = load_run(ckpt)
+    dataset = whole_maps(loaded.run.data, split)
     index = {f"{m}_{t}": i * dataset.num_tx + t for i, m in enumerate(dataset.map_ids)
              for t in range(dataset.num_tx)}
     plt = _pyplot()

@@ -17,12 +17,12 @@ from typing import Iterable, Sequence
 import torch
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import latent_scaling
 from model.io import from_model
 from model.metrics import psnr
-from train.data import DataError, validation_subset
+from model.run_config import load_run
+from radiomaps import DataError, validation_subset, whole_maps
 from train.latent_stats import ChannelMoments
-from train.loading import add_split_arguments, load_checkpoint_run, split_loader, whole_maps
+from train.split_commands import add_split_arguments, split_loader
 
 UPSTREAM_SCALE = 0.3  # RadioDiff's radio_train.yaml first-stage scale_factor
 NOISE_LEVELS = (0.01, 0.03, 0.1, 0.3)
@@ -204,15 +204,14 @@ def check(model: AutoencoderKL, batches: Iterable[dict], device: torch.device, s
 def run_check(ckpt: str | Path, split: str = "train", cfg: str | Path | None = None,
               overrides: Sequence[str] = (), max_maps: int | None = DEFAULT_MAPS,
               seed: int = 0) -> dict:
-    loaded = load_checkpoint_run(ckpt, cfg, overrides)
-    dataset = whole_maps(loaded.run, split)
+    loaded = load_run(ckpt, cfg, overrides)
+    dataset = whole_maps(loaded.run.data, split)
     if max_maps is not None:
         dataset = validation_subset(dataset, max_maps, loaded.run.data.seed)
-    scaling = latent_scaling(loaded.state, loaded.run.model.scale_factor, loaded.weights)
-    report = check(loaded.model, split_loader(loaded.run, dataset), loaded.device, scaling,
-                   seed=seed)
+    report = check(loaded.model, split_loader(loaded.run, dataset), loaded.device,
+                   loaded.scaling, seed=seed)
     return {"checkpoint": str(loaded.path), "weights": loaded.weights, "split": split,
-            "step": loaded.state.get("step"), **report}
+            "step": loaded.step, **report}
 
 
 def format_report(r: dict) -> str:

@@ -15,9 +15,9 @@ import torch
 from model.autoencoder import AutoencoderKL
 from model.checkpoint import (LATENT_STATS_KEY, CheckpointError, refuse_bundled,
                               save_checkpoint)
-from train.data import DataError, validation_subset
-from train.loading import (LoadedCheckpoint, add_split_arguments, load_checkpoint_run,
-                           tracked_loader, whole_maps, write_json)
+from model.run_config import LoadedRun, load_run
+from radiomaps import DataError, validation_subset, whole_maps
+from train.split_commands import add_split_arguments, tracked_loader, write_json
 
 SOURCE = "python -m train latent-stats"
 
@@ -73,7 +73,7 @@ def _floats(values: torch.Tensor) -> list[float]:
 
 
 def stats_document(samples: ChannelMoments, means: ChannelMoments, maps: int,
-                   loaded: LoadedCheckpoint, split: str, seed: int) -> dict:
+                   loaded: LoadedRun, split: str, seed: int) -> dict:
     """What is stored under `latent_stats`: plain floats, lists and strings (weights_only)."""
     std = samples.global_std()
     if not math.isfinite(std) or std == 0:
@@ -85,19 +85,19 @@ def stats_document(samples: ChannelMoments, means: ChannelMoments, maps: int,
             "mean_of_means": _floats(means.mean), "std_of_means": _floats(means.std()),
             "global_std_of_means": means.global_std(),
             "split": split, "maps": maps, "seed": seed, "weights": loaded.weights,
-            "step": loaded.state.get("step"), "source": SOURCE,
+            "step": loaded.step, "source": SOURCE,
             "data": {"name": data.name, "root": data.root, "num_maps": data.num_maps,
                      "image_size": data.image_size}}
 
 
 def compute_latent_stats(ckpt: str | Path, split: str = "train", cfg: str | Path | None = None,
                          overrides: Sequence[str] = (), max_maps: int | None = None,
-                         seed: int = 0) -> tuple[LoadedCheckpoint, dict]:
+                         seed: int = 0) -> tuple[LoadedRun, dict]:
     """Encode the split's whole maps (with `max_maps`, the subset spanning its maps that
     validation and eval use) with the checkpoint's EMA weights, posterior samples seeded
     `seed`; returns the checkpoint and the statistics."""
-    loaded = load_checkpoint_run(ckpt, cfg, overrides)
-    dataset = whole_maps(loaded.run, split)
+    loaded = load_run(ckpt, cfg, overrides)
+    dataset = whole_maps(loaded.run.data, split)
     if max_maps is not None:
         dataset = validation_subset(dataset, max_maps, loaded.run.data.seed)
     batches = tracked_loader(loaded.run, dataset, f"latent-stats {split}")
@@ -107,10 +107,10 @@ def compute_latent_stats(ckpt: str | Path, split: str = "train", cfg: str | Path
     return loaded, stats_document(samples, means, maps, loaded, split, seed)
 
 
-def store_latent_stats(loaded: LoadedCheckpoint, stats: dict, out: str | Path) -> Path:
+def store_latent_stats(loaded: LoadedRun, stats: dict, out: str | Path) -> Path:
     """Write the checkpoint with `latent_stats` added to `out` (atomically: temp file +
     rename); `out` may be the checkpoint itself, never a bundled model (refuse_bundled)."""
-    return save_checkpoint(out, {**loaded.state, LATENT_STATS_KEY: stats})
+    return save_checkpoint(out, {**loaded.contents, LATENT_STATS_KEY: stats})
 
 
 def format_stats(stats: dict, config_scale: float) -> str:

@@ -7,28 +7,23 @@ import argparse
 from pathlib import Path
 
 from model.autoencoder import check_network_size
-from model.checkpoint import (EMA_PREFIX, LATENT_STATS_KEY, CheckpointError, check_finite,
-                              model_config_of, read_checkpoint, resolve_checkpoint,
-                              save_checkpoint)
-from model.manifest import sha256_file
+from model.checkpoint import EMA_PREFIX, LATENT_STATS_KEY, CheckpointError, save_checkpoint
+from model.loading import choose_weights, read_file
 
 KEPT = ("step", "config", LATENT_STATS_KEY)
 
 
 def pack(ckpt: str | Path, out: str | Path) -> Path:
     """Write the network-only file `out` from a trainer checkpoint (file or run directory)."""
-    path = resolve_checkpoint(ckpt)
-    state = read_checkpoint(path)
-    ema = state.get("ema")
-    weights = {k: v for k, v in ema.items() if k.startswith(EMA_PREFIX)
-               and not k.startswith(EMA_PREFIX + "loss.")} if isinstance(ema, dict) else {}
-    if not weights or not isinstance(state.get("config"), dict):
-        raise CheckpointError(f"{path}: expected a trainer checkpoint with EMA weights and a "
-                              "config (written by python -m train)")
-    check_network_size(model_config_of(state, path, None))  # what a server would allocate
-    check_finite(weights, path)
-    payload = {"ema": weights, **{k: state[k] for k in KEPT if k in state},
-               "packed_from": {"file": path.name, "sha256": sha256_file(path)}}
+    file = read_file(ckpt)
+    chosen = None if file.source == "upstream" else choose_weights(file)  # the stored config
+    if chosen is None or chosen.weights != "ema":
+        raise CheckpointError(f"{file.path}: expected a trainer checkpoint with EMA weights and "
+                              "a config (written by python -m train)")
+    check_network_size(chosen.config)  # what a server would allocate
+    weights = {EMA_PREFIX + k: v for k, v in chosen.state.items() if not k.startswith("loss.")}
+    payload = {"ema": weights, **{k: file.contents[k] for k in KEPT if k in file.contents},
+               "packed_from": {"file": file.path.name, "sha256": file.sha256}}
     return save_checkpoint(out, payload)
 
 

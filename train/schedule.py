@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from train.config import TrainerConfig
+from model.run_config import TrainerConfig
 
 POWER = 0.95
 

@@ -25,17 +25,16 @@ from tqdm.auto import tqdm
 
 from model.autoencoder import AutoencoderKL
 from model.checkpoint import (EMA_PREFIX, CheckpointError, latest_checkpoint, load_into,
-                              network_state_dict, read_checkpoint, resolve_checkpoint,
-                              save_checkpoint)
+                              read_checkpoint, resolve_checkpoint, save_checkpoint)
 from model.config import ConfigError
 from model.io import write_png
+from model.loading import choose_weights, read_file
 from model.losses import LPIPSWithDiscriminator
 from model.lpips import missing_weights
-from runtime.fast_layers import use_fused_attention
+from model.run_config import RunConfig, TrainerConfig, dump_config
+from radiomaps import DataError, build_dataset, build_loader, validation_subset
+from runtime import distributed
 from runtime.progress import log_line
-from train import distributed
-from train.config import RunConfig, TrainerConfig, dump_config
-from train.data import DataError, build_dataset, build_loader, validation_subset
 from train.ema import EMA
 from train.evaluate import means_from_sums, metric_sums, sample_grid
 from train.logging import METRICS_FILE, RunLogger
@@ -214,9 +213,6 @@ class Trainer:
         torch.manual_seed(tc.seed)  # identical initial weights on every rank
         self.model = AutoencoderKL.from_config(self.cfg.model).to(self.device)
         self.model.enable_gradient_checkpointing(self._checkpointing())
-        # the same parameters and state-dict keys, laid out for SDPA's fused kernel: a whole
-        # 256x256 map's CPU training step 1.57 -> 1.21 s (docs/quality.md)
-        use_fused_attention(self.model)
         self.loss = LPIPSWithDiscriminator(self.cfg.model.lossconfig).to(self.device)
         if self.cfg.model.ckpt_path:
             self._init_from(self.cfg.model.ckpt_path)
@@ -281,16 +277,17 @@ class Trainer:
         return DDP(module, device_ids=ids)
 
     def _init_from(self, path: str) -> None:
-        """Start from the network weights (EMA if present) of `model.ckpt_path`, and from its
-        critic and logvar (raw `model` weights) when it holds them."""
-        ckpt = read_checkpoint(path)
+        """Start from the network weights of `model.ckpt_path` (model/loading.py's rule: EMA
+        if present), and from its critic and logvar (raw `model` weights) when it holds them."""
+        chosen = choose_weights(read_file(path), self.cfg.model)
         ignore = tuple(self.cfg.model.ignore_keys)  # upstream's: those keep their fresh init
-        state = {k: v for k, v in network_state_dict(ckpt).items() if not k.startswith(ignore)}
+        state = {k: v for k, v in chosen.state.items() if not k.startswith(ignore)}
         if ignore:
             state = {**self.model.state_dict(), **state}
-        load_into(self.model, state, path)
-        raw = network_state_dict(ckpt, use_ema=False)
-        self._load_critic({k: v for k, v in raw.items() if not k.startswith(ignore)}, path)
+        load_into(self.model, state, chosen.path)
+        raw = chosen.contents.get("model")
+        raw = raw if isinstance(raw, dict) else {}
+        self._load_critic({k: v for k, v in raw.items() if not k.startswith(ignore)}, chosen.path)
 
     def _load_critic(self, raw: dict, source: str | Path) -> list[str]:
         """Load `loss.discriminator.*` and `loss.logvar` from a checkpoint's raw `model`

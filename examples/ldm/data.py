@@ -12,8 +12,8 @@ from torch.utils.data import Dataset
 
 from export.latent_shards import LatentShards
 from model.io import from_model
-from train.config import DataConfig
-from train.data import build_dataset
+from model.run_config import DataConfig
+from radiomaps import build_dataset
 
 from .conditions import condition_maps
 

@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from model.autoencoder import AutoencoderKL
-from model.checkpoint import (CheckpointError, latest_checkpoint, load_autoencoder,
-                              read_checkpoint)
+from model.checkpoint import CheckpointError, latest_checkpoint, read_checkpoint
 from model.config import to_dict
+from model.loading import load
 from tests.conftest import tiny_model_config
 from tests.reliability.cluster import ROOT, free_port
 
@@ -114,14 +114,14 @@ def test_kill_9_during_a_checkpoint_write_then_resume(tmp_path, figures):
         read_checkpoint(torn)  # the half-written file is not a checkpoint...
     assert latest_checkpoint(results) == results / "model-1.pt"  # ...and not taken for one
     assert read_checkpoint(results / "model-1.pt")["step"] == 1
-    load_autoencoder(results / "model-1.pt")
+    load(results / "model-1.pt")
 
     resumed = subprocess.run(train_cmd(results, "--resume"), cwd=ROOT, env=child_env(),
                              capture_output=True, text=True, timeout=RUN_TIMEOUT)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"resuming from {results / 'model-1.pt'} at step 1" in resumed.stdout
     assert read_checkpoint(latest_checkpoint(results))["step"] == 2
-    load_autoencoder(results)
+    load(results)
     figures.append(f"trainer: kill -9 while writing model-2.pt ({torn_size / 2**20:.1f} of "
                    f"{(results / 'model-1.pt').stat().st_size / 2**20:.1f} MiB written): "
                    "model-1.pt intact and loadable; --resume from step 1 ran to step 2; lost: "

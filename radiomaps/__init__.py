@@ -1,13 +1,17 @@
-"""Radio-map datasets (RadioMapSeer on disk, or synthetic) and their DataLoader.
+"""Where radio maps come from: datasets (RadioMapSeer on disk, or synthetic), their splits and
+DataLoader, and the generators that write them (`python -m radiomaps`: synthetic maps, Sionna
+ray tracing). Used by train/ and export/ alike.
 
     ds = build_dataset(cfg.data, "train")  # items: image, buildings, tx [1, H, W] in [-1, 1]; name
     loader = build_loader(ds, batch_size, shuffle=True, seed=42, num_workers=2, drop_last=True)
 """
 from __future__ import annotations
 
+from dataclasses import replace
+
 from torch.utils.data import Dataset, Subset
 
-from train.config import DataConfig
+from model.run_config import DataConfig
 
 from .base import RadioMapDataset
 from .loader import build_loader
@@ -17,8 +21,8 @@ from .synthetic import SyntheticRadioMaps
 
 SYNTHETIC_MAPS = 64  # data.num_maps default for the synthetic source
 
-__all__ = ["build_dataset", "build_loader", "validation_subset", "DataError", "RadioMapDataset", "RadioMapSeer",
-           "SyntheticRadioMaps"]
+__all__ = ["build_dataset", "build_loader", "validation_subset", "whole_maps", "DataError",
+           "RadioMapDataset", "RadioMapSeer", "SyntheticRadioMaps"]
 
 
 def validation_subset(dataset: Dataset, size: int, seed: int = 42) -> Dataset:
@@ -43,3 +47,8 @@ def build_dataset(cfg: DataConfig, split: str) -> RadioMapDataset:
         return SyntheticRadioMaps(map_ids, cfg.num_tx, cfg.image_size, hflip, cfg.seed, crop=crop)
     return RadioMapSeer(cfg.root, map_ids, cfg.num_tx, cfg.simulation, cfg.cars,
                         cfg.image_size, hflip, cfg.seed, crop=crop)
+
+
+def whole_maps(cfg: DataConfig, split: str) -> RadioMapDataset:
+    """The split's whole maps: no flips or crops, whatever the training config augments."""
+    return build_dataset(replace(cfg, hflip=False, crop_size=None), split)

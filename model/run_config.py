@@ -1,14 +1,19 @@
-"""The run config: upstream `first_radio.yaml` keys (`model`, `data`, `trainer`) as dataclasses."""
+"""The run config: upstream `first_radio.yaml` keys (`model`, `data`, `trainer`) as dataclasses,
+which every checkpoint of this project stores; and a checkpoint with the run config it is used
+with (`load_run`: eval, latent statistics, latent shards, the RadioDiff config block)."""
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal, Sequence, Union
 
+import torch
 import yaml
 
-from model.config import ConfigError, ModelConfig, from_dict, resolve_config_path, to_dict
+from .checkpoint import CheckpointError
+from .config import ConfigError, ModelConfig, from_dict, resolve_config_path, to_dict
+from .loading import Loaded, load, read_file
 
 
 @dataclass
@@ -174,3 +179,27 @@ def load_config(cfg: str | Path | dict, overrides: list[str] = ()) -> RunConfig:
 
 def dump_config(cfg: RunConfig) -> dict:
     return to_dict(cfg)
+
+
+@dataclass(frozen=True)
+class LoadedRun(Loaded):
+    """A loaded checkpoint (its network on `device`, eval mode) and the run config it is used
+    with."""
+    run: RunConfig
+    device: torch.device
+
+
+def load_run(ckpt: str | Path, cfg: str | Path | None = None, overrides: Sequence[str] = (),
+             use_ema: bool = True) -> LoadedRun:
+    """Read a checkpoint (file, run directory or bundled name) and build its network from the
+    run config `cfg` if given, else the one the checkpoint stores, with `overrides` applied."""
+    file = read_file(ckpt)
+    stored = file.contents.get("config")
+    if cfg is None and not isinstance(stored, dict):
+        raise CheckpointError(f"{file.path}: the checkpoint stores no config (an upstream file?): "
+                              "pass --cfg first_radio.yaml (or the YAML it was trained with)")
+    run = load_config(cfg if cfg is not None else stored, list(overrides))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    loaded = load(file, run.model, use_ema, device)
+    return LoadedRun(**{f.name: getattr(loaded, f.name) for f in fields(loaded)}, run=run,
+                     device=device)

@@ -1,6 +1,6 @@
-"""`python -m train.data synth --out DIR --maps N [--tx K]`: cache synthetic maps to disk in
-RadioMapSeer's layout; `python -m train.data raytrace --out DIR --maps N [--tx K]`: ray-trace
-the same cities with Sionna RT into that layout; `python -m train.data sheet --out PNG`: draw
+"""`python -m radiomaps synth --out DIR --maps N [--tx K]`: cache synthetic maps to disk in
+RadioMapSeer's layout; `python -m radiomaps raytrace --out DIR --maps N [--tx K]`: ray-trace
+the same cities with Sionna RT into that layout; `python -m radiomaps sheet --out PNG`: draw
 maps beside their cities (and beside their ray-traced maps with --raytraced DIR)."""
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def raytraced_sheet(args: argparse.Namespace) -> None:
     manifest = root / "raytrace.json"
     if not manifest.exists():
         raise DatasetMismatch(f"{manifest}: not found; --raytraced takes a folder written by "
-                              f"`python -m train.data raytrace`")
+                              f"`python -m radiomaps raytrace`")
     names = json.loads(manifest.read_text())["simulations"]
     ids = sorted(int(p.stem) for p in (root / "raytrace").glob("*.json"))[:args.maps]
     if not ids:
@@ -137,7 +137,7 @@ def sheet(args: argparse.Namespace) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m train.data", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m radiomaps", description=__doc__,
                                      allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("synth", allow_abbrev=False,
