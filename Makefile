@@ -1,8 +1,10 @@
-# `make install` on a CPU machine; `make install-gpu` on a CUDA box. `make test` runs the suite.
+# `make install` on a CPU machine; `make install-gpu` on a CUDA box. `make test` runs the fast
+# suite, `make test-all` every test (what CI runs).
 PY ?= python3
 TORCH ?= torch==2.13.0
 
-.PHONY: install install-gpu test test-diffusers test-reliability test-docker quickstart
+.PHONY: install install-gpu test test-slow test-all test-diffusers test-reliability test-docker \
+	quickstart
 
 # torch first, so the project's own `torch>=2.13,<2.14` is already met: the CPU build from the
 # PyTorch CPU index where it is reachable (scripts/install.sh says what happens where not)
@@ -12,8 +14,23 @@ install:
 install-gpu:
 	PY=$(PY) TORCH=$(TORCH) EXTRAS=gpu,dev bash scripts/install.sh --gpu
 
+# the fast suite: everything but the slow, reliability and Docker tests (<= 8 min on 2 idle
+# cores); the modules that start servers and other processes run last (tests/conftest.py)
 test:
-	$(PY) -m pytest -q -m "not reliability and not docker" --durations=10  # the slowest tests, for CI time
+	$(PY) -m pytest -q -m "not slow and not reliability and not docker" --durations=10  # the slowest tests, for CI time
+
+# the tests marked slow (> ~20 s each: compiling, multi-node training, the LDM example's loop)
+test-slow:
+	$(PY) -m pytest -q -m "slow and not reliability and not docker" --durations=10
+
+# every test: the fast suite, the slow tests, diffusers parity, the reliability suite and CI's
+# part of the Docker tests (what .ci/run runs)
+test-all:
+	$(MAKE) test
+	$(MAKE) test-slow
+	$(MAKE) test-diffusers
+	$(MAKE) test-reliability
+	$(MAKE) test-docker DOCKER_TEST_ARGS=--ci
 
 # diffusers parity in its own venv without torchvision (scripts/test-diffusers.sh says why)
 test-diffusers:

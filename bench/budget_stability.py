@@ -67,9 +67,11 @@ def _start(model: str, cache: Path) -> dict:
                 raise RuntimeError(f"the server exited with {proc.returncode}")
             time.sleep(0.5)
         ready = time.monotonic() - start
-        budget = requests.get(url + "/info", timeout=10).json()["budget"]["endpoints"]
+        info = requests.get(url + "/info", timeout=10).json()
         return {"ready_s": round(ready, 1), "tiled_1024": _admitted(url),
-                "budgets": {k: v["budget_megapixels"] for k, v in budget.items()}}
+                "budgets": {k: v["budget_megapixels"]
+                            for k, v in info["budget"]["endpoints"].items()},
+                "paths": {w["endpoint"]: w["precision"] for w in info["workers"]}}
     finally:
         proc.terminate()
         try:
@@ -102,7 +104,9 @@ def main() -> None:
             with _busy(args.busy_threads, load == "busy"):
                 for i in range(args.starts):
                     cache = shared if mode == "recorded" else Path(tempfile.mkdtemp())
-                    row = {"mode": mode, "load": load, "start": i, **_start(args.model, cache)}
+                    row = {"mode": mode, "load": load, "start": i,
+                           "loadavg_1min_before": round(os.getloadavg()[0], 2),
+                           **_start(args.model, cache)}
                     print(json.dumps(row), flush=True)
                     rows.append(row)
     summary = {}

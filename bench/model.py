@@ -95,7 +95,7 @@ def _check_args(args: argparse.Namespace, parser: argparse.ArgumentParser) -> No
         if bad:
             parser.error(f"--paths: {bad[0]!r} is not a {args.device.type} path; "
                          f"expected some of {list(known)}, or inference options joined by + "
-                         "(e.g. bf16+channels_last+fused_attention)")
+                         "(e.g. bf16+channels_last)")
         if "baseline" not in args.paths:
             args.paths.insert(0, "baseline")
     else:

@@ -183,15 +183,14 @@ BENCH_TUNING_S = 1800.0  # a benchmark measures every candidate (a server start 
 # server's --path auto), "default" its neutral baseline (plain fp32 through runtime/, as
 # "baseline" but for the InferenceModel wrapper: not a row unless asked for); the others name
 # their options.
-CPU_PATHS = ("baseline", "auto", "channels_last", "winograd", "matmul_1x1",
-             "fused_attention", "reuse_memory", "bf16", "compile",
-             "compile+matmul_1x1+fused_attention+reuse_memory", "onnx-cpu", "openvino-f32",
+CPU_PATHS = ("baseline", "auto", "channels_last", "winograd", "matmul_1x1", "reuse_memory",
+             "bf16", "compile", "compile+matmul_1x1+reuse_memory", "onnx-cpu", "openvino-f32",
              "openvino-bf16", "diffusers")
-GPU_PATHS = ("baseline", "auto", "channels_last", "fused_attention", "bf16", "fp16",
-             "bf16+channels_last+fused_attention", "fp16+channels_last+fused_attention",
-             "compile", "compile+bf16+channels_last", "compile+fp16+channels_last+fused_attention",
-             "cuda_graphs+bf16+channels_last", "cuda_graphs+fp16+channels_last+fused_attention",
-             "onnx-cpu", "onnx-cuda", "onnx-tensorrt", "diffusers")
+GPU_PATHS = ("baseline", "auto", "channels_last", "bf16", "fp16", "bf16+channels_last",
+             "fp16+channels_last", "compile", "compile+bf16+channels_last",
+             "compile+fp16+channels_last", "cuda_graphs+bf16+channels_last",
+             "cuda_graphs+fp16+channels_last", "onnx-cpu", "onnx-cuda", "onnx-tensorrt",
+             "diffusers")
 
 
 def default_paths(device: torch.device, with_compile: bool) -> list[str]:

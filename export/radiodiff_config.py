@@ -28,9 +28,8 @@ import yaml
 from model.checkpoint import EMA_PREFIX, CheckpointError
 from model.config import ConfigError, to_dict
 from model.loading import Loaded
-from model.run_config import load_run
+from model.run_config import NATIVE_SIZE, load_run
 from radiomaps.base import resolve_size
-from radiomaps.synthetic import NATIVE_SIZE
 
 UPSTREAM_LOSS_KEYS = ("disc_start", "logvar_init", "kl_weight", "pixelloss_weight",
                       "disc_num_layers", "disc_in_channels", "disc_factor", "disc_weight",

@@ -17,10 +17,10 @@ import numpy as np
 import torch
 
 from model.io import GAIN_MAX_DB, GAIN_MIN_DB, write_png
+from model.run_config import NATIVE_SIZE
 
 from .base import RadioMapDataset, Size
 
-NATIVE_SIZE = 256
 SPEED_OF_LIGHT = 299_792_458.0
 
 

@@ -1,7 +1,7 @@
 """Choosing the inference path by measurement, on this machine, for this model and resolution.
 
 `autotune(model, device, size)` times every candidate path (runtime/inference.py options,
-named like 'winograd+matmul_1x1+fused_attention+reuse_memory') for a few calls of encode and
+named like 'fp32+winograd+matmul_1x1+reuse_memory') for a few calls of encode and
 of decode at the served resolution, checks each against the plain fp32 network on synthetic
 radio maps, and picks per operation the fastest whose output stays >= 50 dB PSNR from fp32
 (encode: the posterior mean and logvar, each over its range; decode: the maps; reconstruct:
@@ -73,21 +73,29 @@ def path_precision(name: str) -> str:
     return "bf16" if options["onednn_bf16"] else str(options["precision"])
 
 
+def path_name(**options: object) -> str:
+    """The canonical name of the path with `options` on, every other off: the name
+    InferenceOptions.describe() gives it, so a name printed here pins the same decision file."""
+    return InferenceOptions(**options).describe()
+
+
 def candidates(device: torch.device) -> list[str]:
     """The paths worth measuring on `device`, the likeliest winners first (a spent budget cuts
-    the tail), the plain network last."""
+    the tail), the plain network last; each by its canonical name (path_name)."""
     if device.type == "cuda":
-        return ["fp16+channels_last+fused_attention", "bf16+channels_last+fused_attention",
-                "fp32+channels_last+fused_attention", REFERENCE]
-    reuse = "+reuse_memory" if glibc() is not None else ""
+        return [path_name(precision="fp16", channels_last=True),
+                path_name(precision="bf16", channels_last=True),
+                path_name(channels_last=True), REFERENCE]
+    reuse = glibc() is not None
     names = []
     if machine.native_bf16():  # emulated bf16 is far slower than fp32: never a candidate
-        names += [f"bf16+channels_last+fused_attention{reuse}", f"bf16+fused_attention{reuse}",
-                  f"onednn_bf16+channels_last+fused_attention{reuse}"]
+        names += [path_name(precision="bf16", channels_last=True, reuse_memory=reuse),
+                  path_name(precision="bf16", reuse_memory=reuse),
+                  path_name(onednn_bf16=True, channels_last=True, reuse_memory=reuse)]
     if winograd_available():
-        names.append(f"winograd+matmul_1x1+fused_attention{reuse}")
-    names += [f"matmul_1x1+fused_attention{reuse}", f"channels_last+fused_attention{reuse}",
-              REFERENCE]
+        names.append(path_name(winograd=True, matmul_1x1=True, reuse_memory=reuse))
+    names += [path_name(matmul_1x1=True, reuse_memory=reuse),
+              path_name(channels_last=True, reuse_memory=reuse), REFERENCE]
     return names
 
 
@@ -208,10 +216,11 @@ def measure(name: str, model: AutoencoderKL, device: torch.device, ref: Referenc
     one_map, one_latent = ref.probes[:1].to(device), latents[:1]
     result = Measured(name)
     with measure_kernels():  # the untimed warm-up call of each picks the layers' kernels
+        on_cpu = device.type == "cpu"
         result.encode_ms = 1000.0 * median_seconds(lambda: engine.encode(one_map).mean.cpu(),
-                                                   calls)
+                                                   calls, on_cpu)
         result.decode_ms = 1000.0 * median_seconds(lambda: engine.decode(one_latent).cpu(),
-                                                   calls)
+                                                   calls, on_cpu)
     if options["winograd"]:
         result.winograd_plan = winograd_plan(engine.model)
     if name == REFERENCE:

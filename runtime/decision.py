@@ -18,7 +18,7 @@ Requests (`PathRequest`):
   measurement, recorded in the file, never from a constant in code.
 - path 'default' is the neutral baseline: the plain fp32 network, eager, contiguous NCHW, no
   machine-tuned toggle (the same on every machine; nothing to measure or record).
-- any other path name pins that path ('bf16+channels_last+fused_attention').
+- any other path name pins that path ('bf16+channels_last').
 - precision 'fp32' / 'bf16' / 'fp16' (with path 'auto'): the fastest measured path computing in
   that precision (bf16 and fp16 need a GPU, or for bf16 a CPU with native bf16).
 - reproducible: no path whose kernels are chosen by timing (Winograd), for jobs whose bytes
@@ -58,7 +58,8 @@ from .inference import PRECISIONS, InferenceModel, InferenceOptions, prepare_for
 
 logger = logging.getLogger(__name__)
 CACHE_ENV = "RADIODIFF_CACHE_DIR"
-VERSION = 2  # bump when a decision's content changes meaning
+VERSION = 4  # bump when a decision's content changes meaning (3: attention always fused; 4: timed
+# by CPU time on a CPU)
 OPERATIONS = ("encode", "decode")  # reconstruct = the encoder's path, then the decoder's
 
 
@@ -194,7 +195,8 @@ def weights_sha256(model: AutoencoderKL) -> str:
 
 def resolve_request(request: str, device: torch.device) -> str:
     """'auto' stays; 'default' -> plain fp32 (the reference, the same on every machine); a name
-    is checked and put in canonical order ('fused_attention+fp32' -> 'fp32+fused_attention')."""
+    is checked and put in canonical order ('channels_last+bf16' -> 'bf16+channels_last'), the
+    order autotune's candidate names are in."""
     if request == "auto":
         return request
     if request == "default":

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import statistics
 import time
 from typing import Callable, Iterator
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 TIMED_CALLS = 3  # per kernel, when a layer first meets an input size
+MIN_TIMED_S = 0.02  # a timed run repeats a shorter call to last about this long
 
 
 @functools.lru_cache(maxsize=1)
@@ -48,16 +50,30 @@ def _fast_here(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_grad_enabled()
 
 
-def median_seconds(fn: Callable[[], object], calls: int = TIMED_CALLS) -> float:
-    """Median wall seconds of `calls` calls of `fn`, after one untimed warm-up call (one-time
-    setup: NNPACK's and oneDNN's primitives, allocations)."""
-    fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
+def run_seconds(fn: Callable[[], object], on_cpu: bool, repeats: int = 1) -> float:
+    """Seconds one call of `fn` takes (the mean of `repeats`) with its cores to itself: on a
+    CPU the process's CPU time over torch's threads, capped by the wall time, which another job
+    on the machine barely moves (wall time beside a busy 2-thread job was 2-4x the idle figure,
+    and what is decided from it is recorded for every later process); elsewhere wall time (a
+    CUDA sync may spin a core)."""
+    start, cpu = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    seconds = time.perf_counter() - start
+    if on_cpu:
+        seconds = min(seconds, (time.process_time() - cpu) / torch.get_num_threads())
+    return seconds / repeats
+
+
+def median_seconds(fn: Callable[[], object], calls: int = TIMED_CALLS,
+                   on_cpu: bool = True) -> float:
+    """Median seconds (run_seconds) of `calls` timed runs of `fn`, after one untimed warm-up
+    call (one-time setup: NNPACK's and oneDNN's primitives, allocations); a timed run repeats a
+    call that takes under MIN_TIMED_S until it lasts about that long (a few-millisecond call's
+    timing is mostly noise)."""
+    fn()
+    repeats = math.ceil(MIN_TIMED_S / max(run_seconds(fn, on_cpu), 1e-4))
+    return statistics.median(run_seconds(fn, on_cpu, repeats) for _ in range(calls))
 
 
 def nnpack_is_faster(nnpack: Callable[[], torch.Tensor], onednn: Callable[[], torch.Tensor]

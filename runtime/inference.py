@@ -10,10 +10,7 @@ Paths (each an `InferenceOptions` field):
   input size where that measured faster than oneDNN (timed on first use; wide layers on large
   maps win, thin layers and small maps keep oneDNN). fp32 throughout.
 - `matmul_1x1` (CPU): 1x1 convolutions as one matrix product per map.
-- `fused_attention`: the mid-block attention computes q, k, v as one matmul each in a
-  [N, HW, C] layout, which scaled_dot_product_attention runs with its fused (flash) kernel;
-  the network's own [N, 1, HW, C]-transposed views send it to the unfused math kernel.
-  The layers are in runtime/fast_layers.py.
+  The Winograd and 1x1 layers are in runtime/fast_layers.py.
 - `channels_last`: NHWC activations and weights (oneDNN / cuDNN favour them).
 - `precision`: `bf16` / `fp16` autocast. A CPU without AVX-512 BF16 emulates bf16 and is
   far slower than fp32, so bf16 is a CPU candidate only where it is native. bf16's 8-bit
@@ -61,7 +58,6 @@ class InferenceOptions:
     channels_last: bool = False
     winograd: bool = False
     matmul_1x1: bool = False
-    fused_attention: bool = False
     onednn_bf16: bool = False
     reuse_memory: bool = False
     compile: bool = False
@@ -69,8 +65,8 @@ class InferenceOptions:
 
     def describe(self) -> str:
         """A short label, e.g. 'fp32+winograd'."""
-        flags = [name for name in ("winograd", "matmul_1x1", "fused_attention", "onednn_bf16",
-                                   "reuse_memory", "channels_last", "compile", "cuda_graphs")
+        flags = [name for name in ("winograd", "matmul_1x1", "onednn_bf16", "reuse_memory",
+                                   "channels_last", "compile", "cuda_graphs")
                  if getattr(self, name)]
         return "+".join([self.precision, *flags])
 

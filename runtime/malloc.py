@@ -40,3 +40,14 @@ def malloc_reuse(enabled: bool) -> bool:
     if not enabled:
         libc.malloc_trim(0)
     return done
+
+
+def release_free_memory() -> bool:
+    """Return the heap's free memory to the system (malloc_trim), so that the resident memory
+    a run adds is what it needs, not what earlier runs left for reuse; False where the C library
+    is not glibc."""
+    libc = glibc()
+    if libc is None:
+        return False
+    libc.malloc_trim(0)
+    return True

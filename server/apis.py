@@ -12,7 +12,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -25,11 +24,14 @@ import torch
 
 from model.distributions import DiagonalGaussianDistribution
 from model.io import from_model, to_model
+from runtime.fast_layers import median_seconds
+from runtime.malloc import release_free_memory
 from runtime.tiling import Tiler
 
 from . import memory, metrics, speed
 from .backends import load_backend
-from .budget import BUDGET_FRACTION, UNBOUNDED, Budget, BudgetPolicy, cost_megapixels
+from .budget import (BUDGET_FRACTION, UNBOUNDED, Budget, BudgetPolicy, cost_megapixels,
+                     pass_megapixels)
 from .litserve_adapter import STOP_SENTINEL, AdaptedBatchLoop, StopLoop
 from .logs import LOGGER, configure_logging
 from .payloads import Job
@@ -92,7 +94,8 @@ class BlockingBatchedLoop(AdaptedBatchLoop):
             queued = Queued(*item)
             total = cost + lit_api.job_cost(queued.job)
             room = lit_api.memory_room() if room is None else room  # read once per batch
-            fits = lit_api.fits_in_memory(total, room)
+            fits = lit_api.fits_in_memory(
+                lit_api.memory_cost([*(q.job for q in batch), queued.job]), room)
             if batch and (total > lit_api.budget_megapixels or not fits
                           or not _all_on_time(lit_api, [*batch, queued], total)):
                 self._pending.insert(0, item)  # for the next batch: never refused for a mate
@@ -110,7 +113,7 @@ class BlockingBatchedLoop(AdaptedBatchLoop):
         return self._startable(lit_api, batch, cost)
 
     def _refuse_for_memory(self, lit_api: "RadioAPI", queued: Queued, room: float) -> None:
-        need = lit_api.bytes_per_megapixel * lit_api.job_cost(queued.job)
+        need = lit_api.bytes_per_megapixel * lit_api.memory_cost([queued.job])
         detail = (f"{lit_api.api_path}: not started: this request needs about "
                   f"{need / memory.MIB:.0f} MiB of working memory (measured at the warm-up) "
                   f"and the worker can use {MEMORY_FRACTION * room / memory.MIB:.0f} MiB now "
@@ -273,6 +276,8 @@ class RadioAPI(ls.LitAPI):
         described = {**self.backend.describe(), "endpoint": self.api_path, "pid": os.getpid(),
                      "seconds_per_megapixel": rate, "budget_megapixels": self.budget_megapixels,
                      "bytes_per_megapixel": round(self.bytes_per_megapixel),
+                     "max_pass_megapixels": _finite(self._memory_megapixels()),
+                     "pass_maps": self.max_batch_size,
                      "cost_growth_per_megapixel": self.growth,
                      "growth_measured_to_megapixels": self.measured_to,
                      "warmup_megapixels": self._warmup_cost(linear=True),
@@ -313,6 +318,13 @@ class RadioAPI(ls.LitAPI):
         return cost_megapixels(len(job.x), job.x.shape[-2:], self.factor, job.tiler,
                                self.cost_model())
 
+    def memory_cost(self, jobs: list[Job]) -> float:
+        """Megapixels of the largest forward pass `jobs` make together, which their working
+        memory grows with: at most max_batch_size maps a pass, a tiled map a tile at a time."""
+        maps = min(sum(len(job.x) for job in jobs), self.max_batch_size)
+        return maps * max(pass_megapixels(job.x.shape[-2:], self.factor, job.tiler,
+                                          self.cost_model()) for job in jobs)
+
     def cost_model(self) -> Budget:
         return Budget(self.budget_megapixels, self.growth, self._warmup_cost(linear=True),
                       self.measured_to)
@@ -324,10 +336,8 @@ class RadioAPI(ls.LitAPI):
 
     def _set_budget(self, rate: float) -> None:
         one_map = self._warmup_cost()
+        # speed alone: memory bounds a request's largest pass instead (max_pass_megapixels)
         self.budget_megapixels = self.budget.megapixels(rate, one_map)
-        if self.budget.override is None:  # and no more than fits in memory (it fit one map)
-            self.budget_megapixels = min(self.budget_megapixels,
-                                         max(self._memory_megapixels(), one_map))
         logger.info("%s: %.3g s per output megapixel; request budget %.4g megapixels",
                     self.api_path, rate, self.budget_megapixels)
         if self.budget.override is None and rate * one_map > BUDGET_FRACTION * self.budget.timeout:
@@ -344,52 +354,52 @@ class RadioAPI(ls.LitAPI):
 
     def _speed_entry(self) -> str:
         h, w = self.warmup_size
-        return f"v5 {self.name} {h}x{w} to {self.largest_pass} batch {self.max_batch_size}"
+        return f"v6 {self.name} {h}x{w} to {self.largest_pass} batch {self.max_batch_size}"
 
     def _measure_warmup(self) -> speed.Speed:
         """Seconds and peak resident bytes per output megapixel of this endpoint on this
-        device: the first run's memory (nothing reused yet) and the median of SPEED_RUNS timed
-        runs after it (one-time costs paid, kernel choices settled by the decision)."""
-        first, grown = self._measured_warmup()
-        times = [self._measured_warmup()[0] for _ in range(SPEED_RUNS)]
+        device: a first run's memory, then the median of SPEED_RUNS timed runs (one-time costs
+        paid, kernel choices settled by the decision; on a CPU, what a run takes with its cores
+        to itself, so that another job running at the time does not shrink the budget recorded
+        for every later start: runtime/fast_layers.median_seconds)."""
+        grown = self._added_memory()
         cost = self._warmup_cost(linear=True)
-        rate = statistics.median(times) / cost
+        rate = self._median_seconds(1.0, SPEED_RUNS) / cost
         # The same at the largest whole pass: how a pixel's cost changes with the pass's size.
         scale = min((self.largest_pass / (cost * 1e6)) ** 0.5, GROWTH_MAX_SCALE)
         big = self._warmup_cost(scale, linear=True)
         if big <= cost * 1.2:
             return {"seconds_per_megapixel": rate, "bytes_per_megapixel": grown / cost,
                     "cost_growth_per_megapixel": 0.0, "growth_measured_to_megapixels": cost}
-        # Its first run also gives the memory a megapixel takes: a small warm-up's activations
-        # fit in what the allocator already holds, and measured 0.5-80 MB/MP against the
-        # 0.26-1.4 GB/MP requests took in a container.
-        grown_big = self._measured_warmup(scale)[1]
-        larger = statistics.median(self._measured_warmup(scale)[0] for _ in range(GROWTH_RUNS))
+        grown_big = self._added_memory(scale)
+        larger = self._median_seconds(scale, GROWTH_RUNS)
         growth = (larger / big / rate - 1.0) / (big - cost)
-        logger.info("%s: warm-up %.3g s, then %s s (median kept); %.3g s at %dx%d", self.api_path,
-                    first, ", ".join(f"{t:.3g}" for t in times), larger, *self._scaled(scale))
-        return {"seconds_per_megapixel": rate,
-                "bytes_per_megapixel": max(grown / cost, grown_big / big),
+        logger.info("%s: %.3g s per megapixel at %dx%d, %.3g s for one %dx%d pass",
+                    self.api_path, rate, *self.warmup_size, larger, *self._scaled(scale))
+        # per megapixel of the larger pass: a small pass's fixed allocations would count many
+        # times over (the tiny test model's 32x32 pass gave GBs per megapixel)
+        return {"seconds_per_megapixel": rate, "bytes_per_megapixel": grown_big / big,
                 "cost_growth_per_megapixel": growth, "growth_measured_to_megapixels": big}
 
-    def _measured_warmup(self, scale: float = 1.0) -> tuple[float, int]:
-        """Seconds of one warm-up run and the resident memory it added at its peak (0 where
-        the peak cannot be measured). On a CPU the seconds are the process's CPU time over its
-        threads: what the run takes with its cores to itself, whatever else the machine runs
-        meanwhile (wall time beside a busy 2-thread job was 2-4x the idle figure, and a budget
-        timed so stayed that small for every later start that read it)."""
+    def _median_seconds(self, scale: float, runs: int) -> float:
+        job = self.warmup_job(scale)
+        return median_seconds(lambda: self.run([job]), runs, self.on_cpu)
+
+    def _added_memory(self, scale: float = 1.0) -> int:
+        """The resident memory one warm-up run adds at its peak (0 where the peak cannot be
+        measured), after the heap has given back what earlier runs left free: the autotuner's
+        probes held as much as a 512x512 pass needs, and a pass measured on top of them seemed
+        to need 0.5-80 MB per megapixel, where requests took 0.26-1.4 GB."""
+        release_free_memory()
         base = memory.resident_bytes() if memory.reset_peak() else None
-        start, cpu = time.perf_counter(), time.process_time()
         self.run([self.warmup_job(scale)])
-        seconds = time.perf_counter() - start
-        if self.on_cpu:
-            seconds = min(seconds, (time.process_time() - cpu) / torch.get_num_threads())
         peak = memory.peak_resident_bytes()
-        return seconds, 0 if base is None or peak is None else max(peak - base, 0)
+        return 0 if base is None or peak is None else max(peak - base, 0)
 
     def _memory_megapixels(self) -> float:
-        """The largest cost whose measured working memory fits in this process's share of all
-        the memory there is (the machine's, or its container's limit); inf where unknown."""
+        """The largest pass whose measured working memory fits in this process's share of all
+        the memory there is (the machine's, or its container's limit); inf where unknown. A
+        request whose largest pass is larger can never run: 413 (server/budget.py)."""
         capacity = memory.capacity_bytes()
         if capacity is None or not self.bytes_per_megapixel:
             return float("inf")
@@ -516,6 +526,11 @@ class ReconstructAPI(RadioAPI):
     def run(self, jobs: list[Job]) -> list[np.ndarray]:
         maps = from_model(self._decode(torch.cat(self._latents(jobs)), jobs[0].tiler))
         return _split(maps.numpy(), jobs)
+
+
+def _finite(value: float) -> Optional[float]:
+    """`value`, or None (JSON's "unknown") when it is infinite."""
+    return None if value == float("inf") else value
 
 
 def _groups_by_shape(jobs: list[Job]) -> list[list[int]]:

@@ -41,6 +41,8 @@ class Budget:
     growth: float = 0.0  # per megapixel above `reference` (see the module); < 0: cheaper
     reference: float = 0.0  # the warm-up map's megapixels
     measured_to: float = 0.0  # the larger warm-up's megapixels: the end of the measured range
+    max_pass: float = float("inf")  # the largest pass whose working memory fits in all there is
+    pass_maps: int = 1 << 30  # maps a forward pass holds at most (--max-batch-size)
 
     def pass_cost(self, megapixels: float) -> float:
         """Warm-up-speed megapixels of one pass: interpolated between the two warm-ups;
@@ -59,11 +61,17 @@ def cost_megapixels(count: int, hw: tuple[int, int], factor: int = 1,
                     tiler: Optional[Tiler] = None, budget: Budget = UNLIMITED) -> float:
     """The cost of `count` arrays of size `hw` (latents: factor f): map-resolution megapixels
     per pass, grown as `budget` says; run through `tiler`, its passes are the tiles."""
+    passes = 1 if tiler is None else tiler.count(int(hw[0]) * factor, int(hw[1]) * factor)
+    return count * passes * pass_megapixels(hw, factor, tiler, budget)
+
+
+def pass_megapixels(hw: tuple[int, int], factor: int = 1, tiler: Optional[Tiler] = None,
+                    budget: Budget = UNLIMITED) -> float:
+    """The cost of one map's largest forward pass: the whole map, or one tile of it."""
     h, w = int(hw[0]) * factor, int(hw[1]) * factor
-    if tiler is None:
-        return count * budget.pass_cost(h * w / MEGA)
-    tile = min(h, tiler.tile) * min(w, tiler.tile) / MEGA
-    return count * tiler.count(h, w) * budget.pass_cost(tile)
+    if tiler is not None:
+        h, w = min(h, tiler.tile), min(w, tiler.tile)
+    return budget.pass_cost(h * w / MEGA)
 
 
 @dataclass(frozen=True)
@@ -89,20 +97,31 @@ UNBOUNDED = BudgetPolicy(float("inf"))  # no deadline: every request fits (direc
 
 def check_cost(path: str, count: int, hw: tuple[int, int], factor: int, budget: Budget,
                tiler: Optional[Tiler] = None) -> None:
-    """413 when `count` arrays of size `hw` (through `tiler`) cost more than `budget`."""
+    """413 when `count` arrays of size `hw` (through `tiler`) cost more than `budget`, or when
+    their largest pass needs more working memory than the worker has in all."""
     cost = cost_megapixels(count, hw, factor, tiler, budget)
-    if cost <= budget.megapixels:
-        return
     h, w = int(hw[0]) * factor, int(hw[1]) * factor
     tiles = f", each computed as {tiler.count(h, w)} tiles of {tiler.tile}" if tiler else ""
-    metrics.reject(path, "over_budget")
-    raise RequestError(
-        413, f"{path}: this request costs {cost:.4g} megapixels of compute ({count} x {h}x{w} "
-             f"output maps{tiles}) and the per-request budget is {budget.megapixels:.4g} "
-             "megapixels (GET /info: budget); send fewer maps per request, or a smaller "
-             "?resize=",
-        fields={"cost_megapixels": round(cost, 6),
-                "budget_megapixels": round(budget.megapixels, 6)})
+    if cost > budget.megapixels:
+        metrics.reject(path, "over_budget")
+        raise RequestError(
+            413, f"{path}: this request costs {cost:.4g} megapixels of compute ({count} x "
+                 f"{h}x{w} output maps{tiles}) and the per-request budget is "
+                 f"{budget.megapixels:.4g} megapixels (GET /info: budget); send fewer maps per "
+                 "request, or a smaller ?resize=",
+            fields={"cost_megapixels": round(cost, 6),
+                    "budget_megapixels": round(budget.megapixels, 6)})
+    largest = min(count, budget.pass_maps) * pass_megapixels(hw, factor, tiler, budget)
+    if largest > budget.max_pass:
+        metrics.reject(path, "over_memory")
+        raise RequestError(
+            413, f"{path}: this request's largest forward pass ({min(count, budget.pass_maps)} "
+                 f"x {min(h, tiler.tile) if tiler else h}x{min(w, tiler.tile) if tiler else w}) "
+                 f"costs {largest:.4g} megapixels, and the working memory of at most "
+                 f"{budget.max_pass:.4g} fits in all the memory the worker has (the machine's "
+                 "or its container's); send fewer maps per request, or ?tiled=true",
+            fields={"cost_megapixels": round(largest, 6),
+                    "budget_megapixels": round(budget.max_pass, 6)})
 
 
 def endpoint_budget(workers: Iterable[dict], path: str) -> Budget:
@@ -117,7 +136,9 @@ def endpoint_budget(workers: Iterable[dict], path: str) -> Budget:
     return Budget(min(w["budget_megapixels"] for w in mine),
                   steepest.get("cost_growth_per_megapixel", 0.0),
                   steepest.get("warmup_megapixels", 0.0),
-                  steepest.get("growth_measured_to_megapixels", 0.0))
+                  steepest.get("growth_measured_to_megapixels", 0.0),
+                  min(w.get("max_pass_megapixels") or float("inf") for w in mine),
+                  min(w.get("pass_maps", 1 << 30) for w in mine))
 
 
 def client_share(workers: Iterable[dict], path: str, timeout: float) -> float:

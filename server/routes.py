@@ -386,9 +386,9 @@ def _responses(op: Operation) -> dict:
     errors = {400: "undecodable PNG, npy, JSON or base64", 401: "missing or wrong API key",
               406: "no acceptable response type",
               413: "body, pixel count (--max-pixels; tiled: --max-tiled-pixels) or batch over "
-                   "the limit, or compute cost over the per-request budget (then with "
-                   "cost_megapixels and budget_megapixels: send fewer maps or a smaller "
-                   "?resize=)",
+                   "the limit, or compute cost over the per-request budget, or a largest "
+                   "pass whose working memory never fits (then with cost_megapixels and "
+                   "budget_megapixels: send fewer maps or a smaller ?resize=)",
               415: "unsupported Content-Type",
               422: "wrong dtype, shape, size, NaN/Inf, values or query option",
               429: "the endpoint's queue is full (--max-queue, --max-queue-mb), or this client "

@@ -8,6 +8,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal, Optional
 
+from runtime.arguments import (non_negative_float, non_negative_int, number, positive_float,
+                               positive_int)
+
 from .queueing import default_queue
 
 ENV_PREFIX = "RADIODIFF_"
@@ -34,8 +37,8 @@ class Settings:
     max_body_mb: float = 64.0
     max_pixels: int = 512 * 512
     max_tiled_pixels: int = 4096 * 4096  # model/io.py's PNG decoding bound
-    tile: int = 256  # map pixels per tile side, for tiled requests
-    tile_overlap: int = 128
+    tile: Optional[int] = None  # map pixels per tile side; None: the model's training size
+    tile_overlap: Optional[int] = None  # None: half a tile
     max_request_maps: int = 64
     max_request_cost: Optional[float] = None  # megapixels; None: measured (server/budget.py)
     resolution: Optional[tuple[int, int]] = None
@@ -75,34 +78,8 @@ def resolve_accelerator(device: str) -> str:
     return device
 
 
-def _number(text: str, kind: type, ok, expected: str):
-    try:
-        value = kind(text)
-    except ValueError:
-        value = None
-    if value is None or not ok(value):
-        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 1, "a positive integer")
-
-
-def _non_negative_int(text: str) -> int:
-    return _number(text, int, lambda v: v >= 0, "an integer >= 0")
-
-
-def _non_negative_float(text: str) -> float:
-    return _number(text, float, lambda v: v >= 0, "a number >= 0")
-
-
-def _positive_float(text: str) -> float:
-    return _number(text, float, lambda v: v > 0, "a number > 0")
-
-
 def _port(text: str) -> int:
-    return _number(text, int, lambda v: 1024 <= v <= 65535, "a port in 1024..65535")
+    return number(text, int, lambda v: 1024 <= v <= 65535, "a port in 1024..65535")
 
 
 def _bool(text: str) -> bool:
@@ -132,42 +109,42 @@ def _parser() -> argparse.ArgumentParser:
     add("--device", choices=["auto", "cuda", "cpu"], help=f"cuda if present {_default('device')}")
     add("--host", choices=["0.0.0.0", "127.0.0.1", "::", "localhost"], help=_default("host"))
     add("--port", type=_port, help=_default("port"))
-    add("--workers-per-device", type=_positive_int,
+    add("--workers-per-device", type=positive_int,
         help=f"inference processes per device and endpoint {_default('workers_per_device')}")
-    add("--threads", type=_non_negative_int,
+    add("--threads", type=non_negative_int,
         help="CPU threads per inference process, 0: one per core; with several processes on "
              f"few cores, 1 avoids oversubscription {_default('threads')}")
-    add("--api-servers", type=_positive_int,
+    add("--api-servers", type=positive_int,
         help=f"HTTP processes that parse and encode payloads {_default('api_servers')}")
-    add("--max-batch-size", type=_positive_int,
+    add("--max-batch-size", type=positive_int,
         help=f"requests merged into one batch, and maps per forward pass "
              f"{_default('max_batch_size')}")
-    add("--batch-timeout", type=_non_negative_float,
+    add("--batch-timeout", type=non_negative_float,
         help=f"seconds a batch waits to fill {_default('batch_timeout')}")
-    add("--timeout", type=_positive_float,
+    add("--timeout", type=positive_float,
         help="seconds from queueing to answer: a request not answered by then gets 504 (still "
              f"queued: it never runs; running: its result is discarded) {_default('timeout')}")
-    add("--max-queue", type=_positive_int, metavar="N",
+    add("--max-queue", type=positive_int, metavar="N",
         help="requests that may wait per endpoint; more get 429 with Retry-After (default: 2 x "
              "--max-batch-size x --workers-per-device)")
-    add("--max-body-mb", type=_positive_float, help=f"request body limit {_default('max_body_mb')}")
-    add("--max-pixels", type=_positive_int, help=f"H*W limit per map {_default('max_pixels')}")
-    add("--max-tiled-pixels", type=_positive_int,
+    add("--max-body-mb", type=positive_float, help=f"request body limit {_default('max_body_mb')}")
+    add("--max-pixels", type=positive_int, help=f"H*W limit per map {_default('max_pixels')}")
+    add("--max-tiled-pixels", type=positive_int,
         help="H*W limit per map when it is tiled; a map over --max-pixels is tiled up to this "
              f"size, unless the request says tiled=false {_default('max_tiled_pixels')}")
-    add("--tile", type=_positive_int,
+    add("--tile", type=positive_int,
         help="tile side in map pixels for tiled requests (a multiple of the downsampling "
-             f"factor) {_default('tile')}")
-    add("--tile-overlap", type=_non_negative_int,
+             "factor; default: the size the model was trained at, as diffusers tiles)")
+    add("--tile-overlap", type=non_negative_int,
         help="overlap of neighbouring tiles in map pixels (a multiple of the downsampling "
-             f"factor, below --tile) {_default('tile_overlap')}")
-    add("--max-request-maps", type=_positive_int,
+             "factor, below --tile; default: half a tile)")
+    add("--max-request-maps", type=positive_int,
         help=f"maps per request {_default('max_request_maps')}")
-    add("--max-request-cost", type=_positive_float, metavar="MEGAPIXELS",
+    add("--max-request-cost", type=positive_float, metavar="MEGAPIXELS",
         help="compute budget per request, in megapixels of output maps (maps x H x W after "
              "?resize); larger requests get 413 (default: what each endpoint computes in half "
              "of --timeout, timed at start)")
-    add("--resolution", type=_positive_int, nargs=2, metavar=("H", "W"),
+    add("--resolution", type=positive_int, nargs=2, metavar=("H", "W"),
         help="accept only HxW maps (default: any multiple of the downsampling factor)")
     add("--config", help="model YAML for an upstream checkpoint that stores no config")
     add("--api-key-env", metavar="NAME",
@@ -182,36 +159,36 @@ def _parser() -> argparse.ArgumentParser:
              "at the served size once and records the decision for every worker and replica "
              "(per machine, weights and size; GET /info shows the table), default is the "
              "plain fp32 network (the same on every machine), a name such as "
-             "'bf16+channels_last+fused_attention' pins one "
+             "'bf16+channels_last' pins one "
              "(docs/performance.md); any path but plain fp32 must stay within 50 dB of fp32 on "
              f"these weights or the server refuses to start {_default('path')}")
     add("--allow-inaccurate-path", action="store_const", const=True,
         help="serve a pinned --path / --precision that fails the 50 dB accuracy gate (GET /info "
              "shows it)")
-    add("--max-queue-mb", type=_positive_float, metavar="MB",
+    add("--max-queue-mb", type=positive_float, metavar="MB",
         help="payload megabytes one endpoint's queue may hold (past it, 429) "
              f"{_default('max_queue_mb')}")
     add("--trusted-proxies", metavar="ADDR[,NET]",
         help="addresses or networks (10.0.0.0/8) of load balancers whose X-Real-IP header "
              "names the client, for fair shares per client (default: none: each connection's "
              "own address; behind a proxy, set it, or every client shares one share)")
-    add("--autotune-budget", type=_non_negative_float, metavar="S",
+    add("--autotune-budget", type=non_negative_float, metavar="S",
         help="seconds --path auto may spend measuring candidates at start when nothing is "
              "recorded; the ones not reached are skipped " f"{_default('autotune_budget')}")
-    add("--shutdown-timeout", type=_positive_float,
+    add("--shutdown-timeout", type=positive_float,
         help=f"seconds in-flight requests get after SIGTERM {_default('shutdown_timeout')}")
-    add("--max-connections", type=_positive_int,
+    add("--max-connections", type=positive_int,
         help="connections and requests in progress per HTTP process; past it new ones get 503 "
              f"(upload memory stays under about this x --max-body-mb) {_default('max_connections')}")
-    add("--header-timeout", type=_positive_float, metavar="S",
+    add("--header-timeout", type=positive_float, metavar="S",
         help="seconds a new connection has to send a whole request head; then it is closed "
              "(idle connections count against --max-connections only once they send) "
              f"{_default('header_timeout')}")
-    add("--body-timeout", type=_positive_float, metavar="S",
+    add("--body-timeout", type=positive_float, metavar="S",
         help=f"seconds a request body may take to arrive; then 408 {_default('body_timeout')}")
-    add("--keep-alive-timeout", type=_positive_float,
+    add("--keep-alive-timeout", type=positive_float,
         help=f"seconds an idle keep-alive connection is kept {_default('keep_alive_timeout')}")
-    add("--max-worker-restarts", type=_non_negative_int, metavar="N",
+    add("--max-worker-restarts", type=non_negative_int, metavar="N",
         help="restarts of inference workers that died after they were ready, per 10 minutes; "
              "one more stops the server (a worker that dies before it is ready always does) "
              f"{_default('max_worker_restarts')}")

@@ -18,12 +18,33 @@ def tiny():
 
 
 def test_path_names_parse_to_options_and_unknown_parts_are_named():
-    options = at.options_for("bf16+channels_last+fused_attention")
+    options = at.options_for("bf16+channels_last")
     assert options["precision"] == "bf16" and options["channels_last"]
     assert not options["winograd"] and set(options) == set(InferenceOptions.__dataclass_fields__)
     assert at.options_for("fp32") == {**{f: False for f in options}, "precision": "fp32"}
     with pytest.raises(ValueError, match="'avx9'"):
         at.options_for("bf16+avx9")
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda"])
+@pytest.mark.parametrize("native_bf16", [True, False])
+@pytest.mark.parametrize("winograd", [True, False])
+@pytest.mark.parametrize("glibc", [True, False])
+def test_candidate_names_are_in_the_canonical_order(monkeypatch, device, native_bf16, winograd,
+                                                     glibc):
+    """A name autotune prints, pinned as --path, is the request the decision file is keyed by
+    (InferenceOptions.describe()'s order), so it reads back the same file."""
+    from runtime.decision import resolve_request
+    monkeypatch.setattr(at.machine, "native_bf16", lambda: native_bf16)
+    monkeypatch.setattr(at, "winograd_available", lambda: winograd)
+    monkeypatch.setattr(at, "glibc", lambda: object() if glibc else None)
+    names = at.candidates(torch.device(device))
+    assert names[-1] == at.REFERENCE and len(set(names)) == len(names)
+    for name in names:
+        assert InferenceOptions(**at.options_for(name)).describe() == name
+        assert resolve_request(name, torch.device(device)) == name
+    assert any("reuse_memory" in n for n in names) == (glibc and device == "cpu")
+    assert any("winograd" in n for n in names) == (winograd and device == "cpu")
 
 
 def test_an_operation_can_take_a_path_only_it_is_accurate_on():

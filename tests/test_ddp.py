@@ -3,6 +3,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 
@@ -11,6 +12,7 @@ from model.loading import load
 from tests.test_trainer import steps, tiny_run
 from train.logging import read_metrics
 
+pytestmark = pytest.mark.server
 REPO = Path(__file__).resolve().parent.parent
 
 

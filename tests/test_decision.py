@@ -55,7 +55,7 @@ def test_auto_is_measured_once_and_read_back_by_the_next_process(tiny, cache):
 
 
 def test_the_weights_size_and_torch_are_in_the_key(tiny, cache, monkeypatch):
-    pinned = "matmul_1x1+fused_attention"
+    pinned = "matmul_1x1+channels_last"
     dc.decide(copy.deepcopy(tiny), "cpu", (64, 64), pinned)
     other = copy.deepcopy(tiny)
     with torch.no_grad():
@@ -107,6 +107,7 @@ def test_engines_of_two_processes_with_one_decision_give_identical_bytes(tiny, c
     assert read.read and torch.equal(outs[0], outs[1])
 
 
+@pytest.mark.server
 def test_two_server_processes_and_every_endpoint_return_identical_bytes(tmp_path):
     """/encode then /decode equals /reconstruct byte for byte, and a second server process on
     the same machine and model returns the same bytes and has the same budgets: one recorded

@@ -5,11 +5,10 @@ of `make test`); the cheap commands themselves run in tests/test_newcomer.py and
 tests/test_cli.py."""
 from __future__ import annotations
 
-import functools
+import json
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -42,30 +41,55 @@ def documented_commands() -> list[tuple[str, str, tuple[str, ...], str]]:
     return found
 
 
-@functools.cache
-def help_text(module: str, sub: str) -> str:
-    """What `python -m module [sub] --help` prints ("" with its error when it fails)."""
-    args = [sys.executable, "-m", module, *([sub] if sub else []), "--help"]
-    run = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120,
+# Runs `python -m MODULE [SUB] --help` for each (module, sub) of argv[1] (JSON) the way
+# `python -m` does (runpy, as __main__), all in one interpreter: the import of torch, most of
+# each help's cost, is paid once, not once per command. Prints {"module sub": help or FAILED}.
+HELP_DRIVER = r"""
+import contextlib, io, json, runpy, sys, traceback
+texts = {}
+for module, sub in json.loads(sys.argv[1]):
+    sys.argv = [module, *([sub] if sub else []), "--help"]
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            runpy.run_module(module, run_name="__main__", alter_sys=True)
+    except SystemExit as stop:
+        code = stop.code
+    except BaseException:
+        code = 1
+        err.write(traceback.format_exc())
+    texts[f"{module} {sub}"] = (out.getvalue() if code in (0, None)
+                                else f"FAILED: {err.getvalue()[-300:]}")
+print(json.dumps(texts))
+"""
+
+
+def help_texts(keys: list[tuple[str, str]]) -> dict[tuple[str, str], str]:
+    """What `python -m module [sub] --help` prints for each (module, sub) ("" sub: the module's
+    own help), or "FAILED: " and its error; one fresh interpreter runs them all."""
+    run = subprocess.run([sys.executable, "-c", HELP_DRIVER, json.dumps(keys)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300,
                          env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
-    return run.stdout if run.returncode == 0 else f"FAILED: {run.stderr[-300:]}"
+    assert run.returncode == 0, run.stderr[-2000:]
+    texts = json.loads(run.stdout.strip().splitlines()[-1])
+    return {(module, sub): texts[f"{module} {sub}"] for module, sub in keys}
 
 
-def _subcommand(module: str, sub: str) -> str:
+def _subcommand(module: str, sub: str, own_help: str) -> str:
     """`sub` when the module's help lists it as a subcommand, else "" (a positional value)."""
-    return sub if sub and re.search(rf"\b{re.escape(sub)}\b", help_text(module, "")) else ""
+    return sub if sub and re.search(rf"\b{re.escape(sub)}\b", own_help) else ""
 
 
 def test_every_documented_command_exists_and_takes_its_options():
     commands = documented_commands()
     assert len(commands) > 50, "the scan found too few commands: is the pattern broken?"
-    keys = {(m, s) for m, s, _, _ in commands}
-    with ThreadPoolExecutor(4) as pool:  # a help is mostly the import of torch
-        list(pool.map(lambda k: help_text(k[0], ""), keys))
-        list(pool.map(lambda k: help_text(k[0], _subcommand(*k)), keys))
+    modules = sorted({(m, "") for m, _, _, _ in commands})
+    texts = help_texts(modules)
+    subs = {(m, s): _subcommand(m, s, texts[m, ""]) for m, s, _, _ in commands}
+    texts.update(help_texts(sorted({(m, sub) for (m, _), sub in subs.items()} - set(texts))))
     wrong = []
     for module, sub, options, where in commands:
-        text = help_text(module, _subcommand(module, sub))
+        text = texts[module, subs[module, sub]]
         if text.startswith("FAILED"):
             wrong.append(f"{where}: python -m {module} {sub}: {text}")
             continue

@@ -46,9 +46,9 @@ def prepared(tiny: AutoencoderKL, **options) -> object:
 
 
 @pytest.mark.parametrize("options", [
-    pytest.param(dict(winograd=True, matmul_1x1=True, fused_attention=True), marks=needs_nnpack),
+    pytest.param(dict(winograd=True, matmul_1x1=True), marks=needs_nnpack),
     pytest.param(dict(winograd=True, channels_last=True), marks=needs_nnpack),
-    dict(winograd=False, matmul_1x1=True, fused_attention=True, channels_last=True),
+    dict(winograd=False, matmul_1x1=True, channels_last=True),
 ])
 def test_fp32_paths_match_the_plain_network(tiny, maps, reference, options):
     model = prepared(tiny, **options)
@@ -63,7 +63,7 @@ def test_fp32_paths_match_the_plain_network(tiny, maps, reference, options):
 
 
 def test_reconstruct_is_decode_of_the_posterior_mode(tiny, maps, reference):
-    model = prepared(tiny, winograd=False, matmul_1x1=False, fused_attention=False)
+    model = prepared(tiny, winograd=False, matmul_1x1=False)
     torch.testing.assert_close(model.reconstruct(maps), reference["image"])
     torch.testing.assert_close(model(maps), reference["image"])
 
@@ -256,7 +256,7 @@ def test_bad_options_are_named(tiny):
 
 def test_onednn_bf16_stays_close_to_fp32_and_leaves_the_global_setting_as_it_was(tiny):
     x = torch.rand(2, 1, 64, 64) * 2 - 1
-    plain = prepared(tiny, winograd=False, matmul_1x1=False, fused_attention=False)
+    plain = prepared(tiny, winograd=False, matmul_1x1=False)
     fast = prepared(tiny, winograd=False, onednn_bf16=True)
     want, got = plain.reconstruct(x), fast.reconstruct(x)
     assert torch.backends.mkldnn.conv.fp32_precision == "none"  # restored after the call
@@ -274,8 +274,7 @@ def test_a_compiled_bf16_channels_last_encoder_gives_finite_latents_on_cpu(maps)
     cfg.ddconfig.num_res_blocks = 2
     torch.manual_seed(0)
     net = AutoencoderKL.from_config(cfg).eval()
-    bf16 = dict(precision="bf16", channels_last=True, fused_attention=True, winograd=False,
-                matmul_1x1=False)
+    bf16 = dict(precision="bf16", channels_last=True, winograd=False, matmul_1x1=False)
     eager = prepared(net, **bf16).encode(maps).mean
     compiled = prepared(net, compile=True, **bf16).encode(maps).mean
     assert torch.isfinite(compiled).all()

@@ -116,6 +116,7 @@ def test_killed_and_resumed_job_writes_identical_shards(written, ckpt, tmp_path)
     assert _shard_bytes(tmp_path) == _shard_bytes(written)
 
 
+@pytest.mark.server
 def test_two_torchrun_ranks_write_every_map_exactly_once(written, ckpt, tmp_path):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "export", *_job(ckpt, tmp_path)]
@@ -147,7 +148,7 @@ def test_the_measured_path_is_decided_once_and_kept(ckpt, tmp_path, monkeypatch,
     assert export_main(_job(ckpt, out, path="auto")) == 0
     assert "1 shards written (8 maps, " in capsys.readouterr().out
     assert json.loads((out / "job.json").read_text())["path"] == held
-    other = "fp32" if held != "fp32" else "fp32+fused_attention"
+    other = "fp32" if held != "fp32" else "fp32+channels_last"
     assert export_main(_job(ckpt, out, path=other)) == 2
     assert "differs in path" in capsys.readouterr().err
 

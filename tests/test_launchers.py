@@ -14,6 +14,8 @@ from model.checkpoint import read_checkpoint
 from tests.test_trainer import tiny_run
 from train.logging import read_metrics
 
+pytestmark = pytest.mark.server
+
 REPO = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 ACCELERATE = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1",
@@ -89,6 +91,7 @@ def _two_nodes(cfg: Path, *train_args: str) -> list[subprocess.CompletedProcess]
     return results
 
 
+@pytest.mark.slow  # two launchers, four processes, a resume (~30 s on 2 cores)
 def test_torchrun_two_nodes_on_loopback_trains_and_resumes(tmp_path):
     cfg = _config(tmp_path, 2)
     first = _two_nodes(cfg)

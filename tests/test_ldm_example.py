@@ -32,6 +32,25 @@ def vae(tmp_path_factory):
     return ckpt
 
 
+@pytest.fixture(scope="module")
+def test_latents(vae, tmp_path_factory):
+    """The held-out maps' latents, as `python -m export latents` writes them."""
+    from export.latents import main as latents_main
+    folder = tmp_path_factory.mktemp("ldm-latents") / "test"
+    assert latents_main(["--ckpt", str(vae), "--split", "test", "--out", str(folder),
+                         "--path", "default", *DATA]) == 0
+    return folder
+
+
+@pytest.fixture(scope="module")
+def served(vae, tmp_path_factory):
+    """One `python -m server` of the VAE for the module, as the example starts it."""
+    with server_process(str(vae), tmp_path_factory.mktemp("ldm-server") / "server.log") as client:
+        yield client
+
+
+@pytest.mark.server
+@pytest.mark.slow  # the example's whole loop, its own server included (~40 s on 2 cores)
 def test_one_command_trains_and_evaluates_through_a_real_server(vae, tmp_path):
     out = tmp_path / "run"
     assert ldm_main(["--latents", str(tmp_path / "latents"), "--model", str(vae), "--out",
@@ -49,21 +68,17 @@ def test_one_command_trains_and_evaluates_through_a_real_server(vae, tmp_path):
     assert (out / "ldm.pt").exists()
 
 
+@pytest.mark.server
 @pytest.mark.parametrize("scale", ["measured", "0.3", "per-channel"])
-def test_scaled_latents_decode_to_the_vaes_own_map(vae, tmp_path, scale):
+def test_scaled_latents_decode_to_the_vaes_own_map(test_latents, served, scale):
     """What the LDM would emit, handed to /decode as the example does, is the latent the VAE
     decodes: the scaling of the loader and of the server agree."""
-    folder = tmp_path / "test"
-    from export.latents import main as latents_main
-    assert latents_main(["--ckpt", str(vae), "--split", "test", "--out", str(folder),
-                         "--path", "default", *DATA]) == 0
-    data = LatentPairs(folder, scale, sample=False)
+    data = LatentPairs(test_latents, scale, sample=False)
     z, _, _ = data[0]
     raw = data.means_raw([0])
-    with server_process(str(vae), tmp_path / "server.log") as client:
-        latents, scaled = data.for_decode(z[None])
-        np.testing.assert_allclose(client.decode(latents, scaled=scaled),
-                                   client.decode(raw, scaled=False), atol=1e-4)
+    latents, scaled = data.for_decode(z[None])
+    np.testing.assert_allclose(served.decode(latents, scaled=scaled),
+                               served.decode(raw, scaled=False), atol=1e-4)
 
 
 def test_condition_maps_by_hand():

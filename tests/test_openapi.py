@@ -26,6 +26,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from model.io import encode_npy, encode_png
 from tests.test_server import JSON, KEY, NPY, PNG, running_server, save_tiny_checkpoint
 
+pytestmark = pytest.mark.server
+
 MAX_EXAMPLES = 25  # per operation and generation mode
 OPERATIONS = [("POST", "/encode"), ("POST", "/decode"), ("POST", "/reconstruct"),
               ("GET", "/health"), ("GET", "/info"), ("GET", "/metrics")]

@@ -2,7 +2,8 @@
 
 A real `python -m server` (tiny model, CPU or whatever it finds) times each endpoint at start;
 its default budget is what that endpoint computes in half of --timeout. --timeout is short
-here so that the budget stays well below what --max-pixels and --max-request-maps allow.
+here (tests/conftest.py LIMITS_SERVER) so that the budget stays well below what --max-pixels
+and --max-request-maps allow.
 """
 from __future__ import annotations
 
@@ -13,23 +14,20 @@ import numpy as np
 import pytest
 import requests
 
-from server.budget import Budget
-
 from model.io import encode_npy
-from tests.test_server import NPY, running_server, save_tiny_checkpoint
+from server.budget import Budget
+from tests.conftest import LIMITS_MAX_MAPS, LIMITS_MAX_SIDE, LIMITS_SERVER, LIMITS_TIMEOUT
+from tests.test_server import NPY
 
-TIMEOUT = 5.0
-MAX_SIDE, MAX_MAPS = 1024, 64
+pytestmark = pytest.mark.server
+TIMEOUT, MAX_SIDE, MAX_MAPS = LIMITS_TIMEOUT, LIMITS_MAX_SIDE, LIMITS_MAX_MAPS
 
 
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    root = tmp_path_factory.mktemp("budget")
-    save_tiny_checkpoint(root)
-    args = ["--timeout", str(TIMEOUT), "--max-pixels", str(MAX_SIDE * MAX_SIDE),
-            "--max-request-maps", str(MAX_MAPS), "--max-body-mb", "8"]
-    with running_server(root, args, {}) as (url, *_):
-        yield url
+def server_url(shared_server):
+    """The session's LIMITS_SERVER (the crash and queue tests use it too), before it has run
+    any batch: /info's speeds are then the recorded ones the budgets come from."""
+    return shared_server(LIMITS_SERVER, unused=True).url
 
 
 def _post(url: str, body: bytes, params=None) -> requests.Response:

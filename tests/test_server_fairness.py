@@ -9,13 +9,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+import pytest
 import requests
 
 from model.io import encode_npy
 from tests.test_server import NPY, running_server, save_tiny_checkpoint
 
-# --timeout: a heavy request (half the budget) takes about a quarter of it at the measured
-# speed; slack for a machine busier than when the speed was measured
+pytestmark = pytest.mark.server
+# The budget, set (--max-request-cost, megapixels) rather than measured: half of it, a heavy
+# request, is a 192x192 map, a fraction of a second on a CPU, so that a batch of two is far
+# within --timeout on a machine much busier than when the speed was measured, and the test
+# takes seconds, not minutes. Starvation does not depend on how long a heavy request takes,
+# only on the heavy client keeping requests queued.
+BUDGET = 0.08
 TIMEOUT = 20.0
 ROUNDS = 5  # small requests of the other client
 
@@ -27,10 +33,12 @@ def _post(url: str, body: bytes, client: str) -> requests.Response:
 
 def test_a_client_looping_expensive_requests_cannot_starve_another(tmp_path):
     save_tiny_checkpoint(tmp_path)
-    args = ["--timeout", str(TIMEOUT), "--trusted-proxies", "127.0.0.1", "--max-batch-size", "4"]
+    args = ["--timeout", str(TIMEOUT), "--trusted-proxies", "127.0.0.1", "--max-batch-size", "4",
+            "--max-request-cost", str(BUDGET)]
     with running_server(tmp_path, args, {}) as (url, *_):
         budget = requests.get(url + "/info", timeout=10).json()["budget"]["endpoints"][
             "/reconstruct"]["budget_megapixels"]
+        assert budget == BUDGET
         side = max(16, min(512, int((budget / 2 * 1e6) ** 0.5) // 16 * 16))  # about half of it
         heavy = encode_npy(np.random.default_rng(0).random((1, 1, side, side), np.float32))
         small = encode_npy(np.random.default_rng(1).random((1, 1, 32, 32), np.float32))
@@ -43,16 +51,21 @@ def test_a_client_looping_expensive_requests_cannot_starve_another(tmp_path):
                     time.sleep(0.05)        # own CPU use from slowing the server
 
         loops = [threading.Thread(target=loop) for _ in range(3)]
-        for t in loops:
-            t.start()
-        time.sleep(1.0)  # the heavy client's requests fill its share
         small_codes = []
-        for _ in range(ROUNDS):
-            small_codes.append(_post(url, small, "203.0.113.9").status_code)
-            time.sleep(0.3)
-        stop.set()
-        for t in loops:
-            t.join(60)
+        try:
+            for t in loops:
+                t.start()
+            deadline = time.monotonic() + 60
+            while len(heavy_codes) < 3:  # the heavy client's loops are going
+                assert time.monotonic() < deadline, "the heavy client was never answered"
+                time.sleep(0.02)
+            for _ in range(ROUNDS):
+                small_codes.append(_post(url, small, "203.0.113.9").status_code)
+                time.sleep(0.3)
+        finally:
+            stop.set()
+            for t in loops:
+                t.join(60)
     print(f"budget {budget:.3g} MP ({side}x{side}); heavy client: {len(heavy_codes)} requests, "
           f"{heavy_codes.count(200)} 200, {heavy_codes.count(429)} 429; small: {small_codes}")
     assert small_codes == [200] * ROUNDS
@@ -65,6 +78,7 @@ def _resident_mib(pid: int) -> float:
     return int(status.split("VmRSS:")[1].split()[0]) / 1024
 
 
+@pytest.mark.slow  # 800 uploads of 1 MiB abandoned under load, its own server (~25 s)
 def test_abandoned_requests_do_not_pile_up_in_the_queue_process(tmp_path):
     """800 requests whose clients leave after 150 ms: before, the queue process grew from 307
     to 1,516 MiB (abandoned payloads stayed queued beyond --max-queue); now an abandoned

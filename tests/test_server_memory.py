@@ -21,6 +21,8 @@ from server import memory
 from tests.test_server import NPY, running_server, save_tiny_checkpoint
 from tests.test_server_queue import Server
 
+pytestmark = pytest.mark.server
+
 NO_MEMORY = 'radiodiff_rejections_total{endpoint="/reconstruct",reason="no_memory"}'
 REPO = Path(__file__).resolve().parents[1]
 START_LIMIT = 4 << 30  # bytes: room to start three workers, lowered once they are ready

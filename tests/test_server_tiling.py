@@ -23,6 +23,8 @@ from server.spec import describe_model
 from tests.test_server import (ATOL, KEY, Server, _maps, _npy, concurrent_batches,
                                running_server, save_tiny_checkpoint)
 
+pytestmark = pytest.mark.server
+
 MAX_PIXELS, TILE, OVERLAP = 64 * 64, 64, 32
 MAX_TILED = 160 * 160
 BUDGET = 0.05

@@ -78,7 +78,7 @@ def test_startup_errors_name_what_is_wrong(tmp_path, checkpoint, caplog, monkeyp
              (["--model", str(checkpoint), "--backend", "onnx"], "python -m export"),
              (["--model", str(checkpoint), "--resolution", "66", "66"], "multiples of the model's"),
              (["--model", str(checkpoint), "--tile", "62"],
-              "--tile 62 --tile-overlap 128: tile (62) and overlap (128) must be multiples of "
+              "--tile 62 --tile-overlap 31: tile (62) and overlap (31) must be multiples of "
               "the downsampling factor 4"),
              (["--model", str(checkpoint), "--tile", "64", "--tile-overlap", "64"],
               "--tile 64 --tile-overlap 64: overlap must be in [0, tile)"),
@@ -115,6 +115,17 @@ def test_error_bodies_name_a_python_objects_type_never_its_repr():
                                           "0x7f3a2b1c0d90>; <function f at 0x10>").body)
     assert body == {"status": 400, "error": "Bad Request",
                     "detail": "cannot identify image file a BytesIO object; a function object"}
+
+
+def test_tiles_default_to_the_models_training_size_overlapping_by_half(checkpoint):
+    """As diffusers' enable_tiling: a 64x64 model is tiled in 64x64 passes, not 256x256 ones
+    (the quickstart model's attention makes a 256x256 pixel cost 2.6x a 64x64 one)."""
+    spec = describe_model(Settings(model=str(checkpoint)))
+    side = min(spec.config_size)
+    tiler = limits_of(Settings(model=str(checkpoint)), spec).tiler
+    assert (tiler.tile, tiler.overlap) == (side, side // 2)
+    pinned = limits_of(Settings(model=str(checkpoint), tile=32, tile_overlap=0), spec).tiler
+    assert (pinned.tile, pinned.overlap) == (32, 0)
 
 
 def test_pinned_resolution_accepts_only_that_size(checkpoint):
@@ -280,6 +291,9 @@ class _Endpoint:
     def memory_room(self):
         return float("inf")
 
+    def memory_cost(self, jobs):
+        return sum(self.job_cost(job) for job in jobs)
+
     def fits_in_memory(self, megapixels, room):
         return True
 
@@ -340,3 +354,42 @@ def test_served_batches_move_the_deadline_speed_within_bounds_of_the_recorded_on
     assert api.seconds_per_megapixel == pytest.approx(15.0) and api.budget_megapixels == 0.5
     api._refresh_speed(seconds=10.0, cost=1.0)
     assert 10.0 < api.seconds_per_megapixel < 15.0  # back towards what batches show
+
+
+def test_warm_up_timing_on_a_cpu_counts_computing_not_waiting_for_a_core():
+    """The speed behind budgets and path choices is what a run takes with its cores to itself:
+    time the process spends off-CPU (here a sleep; beside a busy job, waiting for a core) does
+    not count on a CPU, and does count where the work is not on the CPU (a CUDA sync)."""
+    from runtime.fast_layers import run_seconds
+    assert run_seconds(lambda: time.sleep(0.2), on_cpu=False) >= 0.2
+    assert run_seconds(lambda: time.sleep(0.2), on_cpu=True) < 0.1
+
+
+def test_working_memory_is_priced_by_the_largest_pass_not_the_whole_request():
+    """A tiled map runs a tile at a time and a batch at most max_batch_size maps a pass, so its
+    working memory is that pass's: a 1024x1024 map in 64x64 tiles needs a 64x64 pass's memory,
+    not 961 tiles' (which refused it 503 on a machine with GiBs free)."""
+    from runtime.tiling import Tiler
+    from server.budget import Budget
+    api = object.__new__(EncodeAPI)
+    api.max_batch_size = 16
+    api.cost_model = lambda: Budget(10.0)
+    tiled = Job(np.zeros((1, 1, 1024, 1024), np.float32), tiler=Tiler(64, 32, 1))
+    assert api.memory_cost([tiled]) == pytest.approx(64 * 64 / 1e6)
+    assert api.job_cost(tiled) == pytest.approx(31 * 31 * 64 * 64 / 1e6)
+    maps = Job(np.zeros((20, 1, 64, 64), np.float32))
+    assert api.memory_cost([maps, tiled]) == pytest.approx(16 * 64 * 64 / 1e6)
+
+
+def test_a_request_whose_largest_pass_never_fits_in_memory_is_413_before_queueing():
+    """Memory bounds a request's largest pass (a tiled map's tile, at most --max-batch-size
+    maps), not its total cost: the budget stays the speed's, a tiled request of many tiles is
+    admitted, and one whose single pass needs more than all the memory there is gets 413."""
+    from runtime.tiling import Tiler
+    from server.budget import Budget, check_cost
+    budget = Budget(10.0, max_pass=0.2, pass_maps=4)
+    check_cost("/encode", 1, (1024, 1024), 1, budget, Tiler(128, 64, 1))  # 225 small passes
+    check_cost("/encode", 8, (128, 128), 1, budget)  # 2 passes of 4 maps: 0.066 MP each
+    with pytest.raises(RequestError) as err:
+        check_cost("/encode", 1, (512, 512), 1, budget)  # one 0.26 MP pass
+    assert err.value.status == 413 and "largest forward pass (1 x 512x512)" in err.value.detail

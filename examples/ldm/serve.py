@@ -51,7 +51,7 @@ class ServedVAE:
         while not self.client.ready():
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError(f"the server did not start (see {self.log})")
-            time.sleep(1.0)
+            time.sleep(0.2)
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -18,6 +18,7 @@ import requests
 import yaml
 
 from model.io import encode_npy
+from server.budget import Budget
 from tests.docker.engine import ROOT, Container, docker, free_port, run_server
 
 pytestmark = pytest.mark.docker
@@ -42,23 +43,34 @@ def compose_limit() -> int:
 def hungriest_request(info: dict) -> tuple[str, np.ndarray, float, float]:
     """(endpoint, body array, cost in megapixels, working bytes the server expects) of the
     admitted request that needs the most memory by the server's own measure: the endpoint with
-    the largest budget x bytes per megapixel, the largest map size and count that its budget,
-    the maps-per-request and the body limit allow."""
-    per_mp = {w["endpoint"]: w["bytes_per_megapixel"] for w in info["workers"]}
+    the largest admissible pass x bytes per megapixel, the largest map size and count that its
+    budget (priced by the endpoint's cost model), its largest pass, the maps-per-request and
+    the body limit allow; its working memory is its largest pass's (server/apis.py)."""
+    workers = {w["endpoint"]: w for w in info["workers"]}
+    per_mp = {e: w["bytes_per_megapixel"] for e, w in workers.items()}
     budgets = {e: v["budget_megapixels"] for e, v in info["budget"]["endpoints"].items()}
-    endpoint = max(budgets, key=lambda e: budgets[e] * per_mp[e])
+    largest = {e: min(budgets[e], workers[e]["max_pass_megapixels"] or budgets[e])
+               for e in budgets}  # the largest pass a request may make (server/budget.py)
+    endpoint = max(budgets, key=lambda e: largest[e] * per_mp[e])
+    worker = workers[endpoint]
+    # the endpoint's own cost model (server/budget.py): a larger pass costs more per pixel
+    model_cost = Budget(budgets[endpoint], worker["cost_growth_per_megapixel"],
+                        worker["warmup_megapixels"], worker["growth_measured_to_megapixels"])
     limits, model = info["limits"], info["model"]
     f, z = model["downsample_factor"], model["latent_channels"]
     for side in (512, 384, 256, 128, 64):
         if side * side > limits["max_pixels"]:
             continue
         shape = (z, side // f, side // f) if endpoint == "/decode" else (1, side, side)
-        maps = min(int(budgets[endpoint] / (side * side / 1e6)), limits["max_request_maps"],
+        one = model_cost.pass_cost(side * side / 1e6)
+        maps = min(int(budgets[endpoint] / one), limits["max_request_maps"],
                    int((limits["max_body_bytes"] - 4096) / (4 * np.prod(shape))))
+        if int(largest[endpoint] / one) < worker["pass_maps"]:  # its one pass must fit
+            maps = min(maps, int(largest[endpoint] / one))
         if maps >= 1:
-            cost = maps * side * side / 1e6
+            passed = min(maps, worker["pass_maps"]) * one  # its largest pass's megapixels
             body = np.random.default_rng(2).random((maps, *shape), dtype=np.float32)
-            return endpoint, body, cost, cost * per_mp[endpoint]
+            return endpoint, body, maps * one, passed * per_mp[endpoint]
     raise AssertionError(f"no request fits the budget: {budgets}")
 
 
@@ -92,7 +104,7 @@ def test_a_container_at_its_memory_limit_refuses_the_hungriest_admitted_request(
 
         # at the limit: room for half of what the server expects the request to need
         used = capacity - json.loads(container.python(READ))[1]
-        lowered = used + int(need / 2)
+        lowered = (used + int(need / 2)) // 4096 * 4096  # the kernel keeps whole pages
         docker("update", f"--memory={lowered}", f"--memory-swap={lowered}", container.name)
         assert json.loads(container.python(READ))[0] == lowered
         second = send(container, endpoint, body)
