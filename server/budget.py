@@ -103,25 +103,28 @@ def check_cost(path: str, count: int, hw: tuple[int, int], factor: int, budget: 
     h, w = int(hw[0]) * factor, int(hw[1]) * factor
     tiles = f", each computed as {tiler.count(h, w)} tiles of {tiler.tile}" if tiler else ""
     if cost > budget.megapixels:
-        metrics.reject(path, "over_budget")
-        raise RequestError(
-            413, f"{path}: this request costs {cost:.4g} megapixels of compute ({count} x "
-                 f"{h}x{w} output maps{tiles}) and the per-request budget is "
-                 f"{budget.megapixels:.4g} megapixels (GET /info: budget); send fewer maps per "
-                 "request, or a smaller ?resize=",
-            fields={"cost_megapixels": round(cost, 6),
-                    "budget_megapixels": round(budget.megapixels, 6)})
-    largest = min(count, budget.pass_maps) * pass_megapixels(hw, factor, tiler, budget)
+        _refuse(path, "over_budget", cost, budget.megapixels,
+                f"this request costs {cost:.4g} megapixels of compute ({count} x {h}x{w} output "
+                f"maps{tiles}) and the per-request budget is {budget.megapixels:.4g} megapixels "
+                "(GET /info: budget); send fewer maps per request, or a smaller ?resize=")
+    maps = min(count, budget.pass_maps)
+    if tiler is not None:
+        h, w = min(h, tiler.tile), min(w, tiler.tile)
+    largest = maps * pass_megapixels(hw, factor, tiler, budget)
     if largest > budget.max_pass:
-        metrics.reject(path, "over_memory")
-        raise RequestError(
-            413, f"{path}: this request's largest forward pass ({min(count, budget.pass_maps)} "
-                 f"x {min(h, tiler.tile) if tiler else h}x{min(w, tiler.tile) if tiler else w}) "
-                 f"costs {largest:.4g} megapixels, and the working memory of at most "
-                 f"{budget.max_pass:.4g} fits in all the memory the worker has (the machine's "
-                 "or its container's); send fewer maps per request, or ?tiled=true",
-            fields={"cost_megapixels": round(largest, 6),
-                    "budget_megapixels": round(budget.max_pass, 6)})
+        _refuse(path, "over_memory", largest, budget.max_pass,
+                f"this request's largest forward pass ({maps} x {h}x{w}) costs {largest:.4g} "
+                f"megapixels, and the working memory of at most {budget.max_pass:.4g} fits in "
+                "all the memory the worker has (the machine's or its container's); send fewer "
+                "maps per request, or ?tiled=true")
+
+
+def _refuse(path: str, reason: str, cost: float, limit: float, detail: str) -> None:
+    """Count the refusal and raise its 413, with the cost and the limit it passed."""
+    metrics.reject(path, reason)
+    raise RequestError(413, f"{path}: {detail}",
+                       fields={"cost_megapixels": round(cost, 6),
+                               "budget_megapixels": round(limit, 6)})
 
 
 def endpoint_budget(workers: Iterable[dict], path: str) -> Budget:
