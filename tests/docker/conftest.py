@@ -12,9 +12,9 @@ import subprocess
 import pytest
 
 from tests.docker.engine import ROOT, docker, engine_problem, image_exists
+from tests.figures import figures_plugin
 
 CPU_IMAGE, GPU_IMAGE, NGINX_IMAGE = "radiodiff-vae:cpu", "radiodiff-vae:gpu", "radiodiff-nginx"
-FIGURES = pytest.StashKey[list]()
 
 
 def pytest_configure(config):
@@ -22,18 +22,8 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "smoke: the part of the Docker suite CI runs")
 
 
-@pytest.fixture(scope="session")
-def figures(pytestconfig) -> list[str]:
-    """Lines for the summary at the end of the run (sizes, times, faults)."""
-    return pytestconfig.stash.setdefault(FIGURES, [])
-
-
-def pytest_terminal_summary(terminalreporter, config):
-    lines = config.stash.get(FIGURES, [])
-    if lines:
-        terminalreporter.write_sep("=", "docker figures")
-        for line in lines:
-            terminalreporter.write_line(line)
+# `figures`: lines for the summary at the end of the run (sizes, times, faults)
+figures, pytest_terminal_summary = figures_plugin("docker figures")
 
 
 @pytest.fixture(scope="session")

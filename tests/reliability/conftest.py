@@ -17,10 +17,10 @@ from model.autoencoder import AutoencoderKL
 from model.checkpoint import save_checkpoint
 from model.config import to_dict
 from tests.conftest import tiny_model_config
+from tests.figures import figures_plugin
 from tests.reliability.cluster import Cluster, Nginx, Replica, compose_server_args, free_port
 from tests.reliability.load import make_calls
 
-FIGURES = pytest.StashKey[list]()
 
 
 @pytest.fixture(scope="session")
@@ -70,15 +70,5 @@ def restored(cluster) -> Cluster:
     cluster.restore()
 
 
-@pytest.fixture(scope="session")
-def figures(pytestconfig) -> list[str]:
-    """Lines for the summary at the end of the run (requests, latencies, memory, faults)."""
-    return pytestconfig.stash.setdefault(FIGURES, [])
-
-
-def pytest_terminal_summary(terminalreporter, config):
-    lines = config.stash.get(FIGURES, [])
-    if lines:
-        terminalreporter.write_sep("=", "reliability figures")
-        for line in lines:
-            terminalreporter.write_line(line)
+# `figures`: lines for the summary at the end of the run (requests, latencies, memory, faults)
+figures, pytest_terminal_summary = figures_plugin("reliability figures")
