@@ -70,6 +70,17 @@ def group_pids(pgid: int) -> list[int]:
     return sorted(pids)
 
 
+def wait_group_gone(pgid: int, timeout: float) -> list[int]:
+    """Poll until a process group has no live process, within `timeout`; what is left.
+
+    The main process exits first; a helper it started (multiprocessing's resource tracker)
+    sees its pipe close only then and ends a moment later: bounded, not instant."""
+    deadline = time.monotonic() + timeout
+    while (left := group_pids(pgid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def rss_bytes(pids: list[int]) -> int:
     """Resident memory of `pids`, summed."""
     total = 0

@@ -14,7 +14,7 @@ import pytest
 import requests
 
 from model.io import encode_npy
-from tests.reliability.cluster import Cluster, Replica, group_pids
+from tests.reliability.cluster import Cluster, Replica, group_pids, wait_group_gone
 from tests.reliability.load import BackgroundLoad, as_array, post
 
 pytestmark = pytest.mark.reliability
@@ -134,13 +134,14 @@ def test_sigterm_drains_in_flight_work_and_ends_every_process(restored, figures)
         victim.terminate()
         code = victim.wait_exit(SHUTDOWN_BOUND)
         exited = time.monotonic() - sent_at
+        left = wait_group_gone(pgid, 5.0)
         heavy.join(60)
     stats = load.stats
     figures.append(f"SIGTERM to {victim.name} under load: exited with {code} after {exited:.1f} "
-                   f"s, {processes} processes before, {len(group_pids(pgid))} after; in-flight "
+                   f"s, {processes} processes before, {len(left)} left 5 s after; in-flight "
                    f"{len(batch)}-map {batch.shape[-1]}x{batch.shape[-1]} batch: HTTP {answer.get('status')}; load: {stats.summary()}; lost: "
                    f"{len(stats.failures) + (answer.get('status') != 200)}")
-    assert code == 0 and not group_pids(pgid)
+    assert code == 0 and not left, left
     assert answer.get("status") == 200, answer
     assert answer["done"] > sent_at, "the batch finished before SIGTERM: nothing was in flight"
     assert as_array(answer["body"]).shape == batch.shape
