@@ -58,16 +58,16 @@ class LatentShards(Dataset):
     """Latents written by `python -m export latents`, one item per map.
 
     `sample`: with a stored posterior, draw z = mean + std * eps (seeded per item by `seed`
-    and the epoch given to `set_epoch`) instead of returning the mean. `scaled`: apply the
-    stored latent statistics (z - latents_mean) / latents_std when the index has them, else
-    multiply by scale_factor, as the LDM sees latents. `per_channel=False` always multiplies
-    by scale_factor (1 / the global std when measured): what the server's `scaled=true` and
-    RadioDiff's LDM do, so latents an LDM makes this way decode with /decode?scaled=true.
-    `unscale` inverts the scaling (for decoding with scaled=false).
+    and the epoch given to `set_epoch`) instead of returning the mean. `scaled`: multiply by
+    the stored scale_factor (1 / the global std when measured), as the LDM sees latents: what
+    the server's `scaled=true` and RadioDiff's LDM do, so latents an LDM makes this way decode
+    with /decode?scaled=true. `per_channel=True` standardises each channel instead,
+    (z - latents_mean) / latents_std, when the index has those statistics; such latents decode
+    only after `unscale` (with scaled=false). `unscale` inverts either scaling.
     """
 
     def __init__(self, folder: str | Path, sample: bool = False, scaled: bool = False,
-                 seed: int = 0, verify: bool = True, per_channel: bool = True):
+                 seed: int = 0, verify: bool = True, per_channel: bool = False):
         self.folder = Path(folder)
         index_path = self.folder / INDEX
         if not index_path.exists():

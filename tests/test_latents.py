@@ -91,6 +91,22 @@ def test_loader_samples_reproducibly_and_scales(written):
     assert next(iter(loader))["latent"].shape == (16, 3, 16, 16)  # straight into an LDM loop
 
 
+def test_scaled_latents_are_the_servers_scaled_latents_unless_per_channel_is_asked(written):
+    """scaled=True multiplies by the one scale factor, as /encode?scaled=true and RadioDiff do,
+    also when the index holds per-channel statistics; per_channel=True standardises instead."""
+    raw = LatentShards(written)[3]["latent"]
+    stats = {"scale_factor": 0.25, "latents_mean": [0.1, -0.2, 0.3], "latents_std": [2.0, 4.0, 0.5]}
+    default, per_channel = LatentShards(written, scaled=True), LatentShards(written, scaled=True,
+                                                                            per_channel=True)
+    for shards in default, per_channel:
+        shards.index["latent_scaling"] = stats  # as after `train latent-stats`
+    assert torch.allclose(default[3]["latent"], 0.25 * raw)
+    mean, std = torch.tensor([0.1, -0.2, 0.3]).view(3, 1, 1), torch.tensor([2.0, 4.0, 0.5]).view(3, 1, 1)
+    assert torch.allclose(per_channel[3]["latent"], (raw - mean) / std)
+    for shards in default, per_channel:
+        assert torch.allclose(shards.unscale(shards[3]["latent"]), raw, atol=1e-6)
+
+
 def test_an_altered_shard_is_named(written, tmp_path):
     import shutil
     copy = tmp_path / "copy"
