@@ -73,13 +73,24 @@ def run(roots: list[Path], simulation: str, ckpt: str) -> dict:
         city = name.split("_")[0]
         buildings = read_png(roots[0] / "png" / "buildings_complete" / f"{city}.png") > 0.5
         per_map[name] = map_figures(traces, [reconstruct(model, t) for t in traces], buildings)
-    summary = {who: _mean([m[who] for m in per_map.values()])
-               for who in next(iter(per_map.values()))}
-    worst = sorted(per_map, key=lambda n: per_map[n]["vae"]["psnr"])[:5]
     return {"roots": [str(r) for r in roots], "simulation": simulation, "checkpoint": ckpt,
-            "maps": len(names), "seeds": len(roots), "mean": summary,
-            "worst_by_vae_psnr": [{"name": n, **{w: per_map[n][w]["psnr"] for w in summary}}
-                                  for n in worst], "per_map": per_map}
+            "maps": len(names), "seeds": len(roots), **summarise(per_map), "per_map": per_map}
+
+
+def summarise(per_map: dict[str, dict]) -> dict:
+    """Means, medians and the worst maps of the comparisons over maps. A map whose traces
+    agree exactly (no ray reaches a fringe) scores the tracer inf dB: it is left out of the
+    means, named, and kept in the medians."""
+    whos = list(next(iter(per_map.values())))
+    identical = [n for n, m in per_map.items() if not np.isfinite(m["tracer"]["psnr"])]
+    finite = [m for n, m in per_map.items() if n not in identical]
+    worst = sorted(per_map, key=lambda n: per_map[n]["vae"]["psnr"])[:5]
+    return {"identical_trace_maps": identical,
+            "mean": {who: _mean([m[who] for m in finite]) for who in whos},
+            "median": {who: {k: float(np.median([m[who][k] for m in per_map.values()]))
+                             for k in FIGURES} for who in whos},
+            "worst_by_vae_psnr": [{"name": n, **{w: per_map[n][w]["psnr"] for w in whos}}
+                                  for n in worst]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,10 +107,13 @@ def main(argv: list[str] | None = None) -> int:
     if len(roots) < 2:
         p.error("--roots: at least two trace seeds")
     result = run(roots, args.simulation, args.ckpt)
-    print(f"{result['maps']} maps, {result['seeds']} trace seeds, {args.simulation}; mean "
-          f"PSNR dB / SSIM / RMSE dB outdoors / RadioDiff PSNR / RadioDiff SSIM:")
-    for who, m in result["mean"].items():
-        print(f"  {who:18s} " + " / ".join(f"{m[k]:.3f}" for k in FIGURES))
+    identical = result["identical_trace_maps"]
+    print(f"{result['maps']} maps, {result['seeds']} trace seeds, {args.simulation}; PSNR dB / "
+          f"SSIM / RMSE dB outdoors / RadioDiff PSNR / RadioDiff SSIM; means leave out the "
+          f"{len(identical)} maps whose traces agree exactly {identical}:")
+    for stat in ("mean", "median"):
+        for who, m in result[stat].items():
+            print(f"  {stat:6s} {who:18s} " + " / ".join(f"{m[k]:.3f}" for k in FIGURES))
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
     return 0

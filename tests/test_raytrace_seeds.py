@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from bench.raytrace_seeds import map_figures
+from bench.raytrace_seeds import FIGURES, map_figures, summarise
 
 
 def test_seed_to_seed_and_averaged_targets_by_hand():
@@ -19,3 +19,13 @@ def test_seed_to_seed_and_averaged_targets_by_hand():
     assert f2["vae"]["psnr"] == pytest.approx(20.0, abs=1e-4)  # 0.6 vs 0.5 and vs 0.7
     assert f2["vae_vs_average"]["psnr"] == pytest.approx(20.0, abs=1e-4)  # vs 0.7 and vs 0.5
     assert f2["vae"]["rmse_db"] == pytest.approx(10.0, abs=1e-4)  # 0.1 gray = 10 dB
+
+
+def test_a_map_whose_traces_agree_exactly_is_named_and_left_out_of_the_means():
+    def row(tracer: float, vae: float) -> dict:
+        return {"tracer": dict.fromkeys(FIGURES, tracer), "vae": dict.fromkeys(FIGURES, vae)}
+    s = summarise({"a": row(30.0, 28.0), "b": row(float("inf"), 24.0), "c": row(34.0, 32.0)})
+    assert s["identical_trace_maps"] == ["b"]
+    assert s["mean"]["tracer"]["psnr"] == 32.0 and s["mean"]["vae"]["psnr"] == 30.0
+    assert s["median"]["tracer"]["psnr"] == 34.0 and s["median"]["vae"]["psnr"] == 28.0
+    assert [w["name"] for w in s["worst_by_vae_psnr"]] == ["b", "a", "c"]
