@@ -19,7 +19,8 @@ install-gpu:
 test:
 	$(PY) -m pytest -q -m "not slow and not reliability and not docker" --durations=10  # the slowest tests, for CI time
 
-# the tests marked slow (> ~20 s each: compiling, multi-node training, the LDM example's loop)
+# the tests marked slow (over ~10 s each on 2 idle cores: compiling, multi-node training, the
+# LDM example's loop, ...)
 test-slow:
 	$(PY) -m pytest -q -m "slow and not reliability and not docker" --durations=10
 

@@ -11,6 +11,8 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
+
 from export.__main__ import main as export_main
 from model.lpips import VGG16_FILE
 from runtime.progress import Progress
@@ -83,6 +85,7 @@ def test_progress_off_a_terminal_is_a_line_per_tenth_and_the_last():
     assert "left" not in lines[-1]
 
 
+@pytest.mark.slow  # trains, exports latents and serves, as docs/ldm.md does (~11 s)
 def test_ldm_md_python_snippets_run_as_written(tmp_path):
     """docs/ldm.md's snippets, each in a fresh interpreter, from a folder where the shards the
     page's own command writes are (made here from a tiny model and a small split)."""

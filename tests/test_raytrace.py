@@ -128,6 +128,7 @@ def test_same_seed_same_map_other_seed_within_the_noise(sionna_rt, tmp_path):
     assert seed_noise_db(first * los_region, other * los_region, mask) < 0.01
 
 
+@pytest.mark.slow  # ray traces a city twice, killed once (~10 s on 2 idle cores)
 def test_killed_and_resumed_generation_writes_the_same_files(sionna_rt, tmp_path):
     args = [sys.executable, "-m", "radiomaps", "raytrace", "--maps", "3", "--tx", "1",
             "--simulations", "DPM", "--samples", str(FEW_RAYS)]

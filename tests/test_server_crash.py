@@ -97,6 +97,7 @@ def test_a_killed_worker_answers_500_at_once_and_is_restarted(shared_server):
         assert proc.poll() is None
 
 
+@pytest.mark.slow  # kills workers until the server gives up (~11 s on 2 idle cores)
 def test_past_max_worker_restarts_the_server_stops_saying_why(model):
     args = ["--timeout", str(TIMEOUT), "--max-worker-restarts", "0"]
     with running_server(model, args, {}) as (url, port, proc, log):

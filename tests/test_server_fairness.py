@@ -31,6 +31,7 @@ def _post(url: str, body: bytes, client: str) -> requests.Response:
                          headers={"Content-Type": NPY, "X-Real-IP": client})
 
 
+@pytest.mark.slow  # two clients looping against its own server (~17 s on 2 idle cores)
 def test_a_client_looping_expensive_requests_cannot_starve_another(tmp_path):
     save_tiny_checkpoint(tmp_path)
     args = ["--timeout", str(TIMEOUT), "--trusted-proxies", "127.0.0.1", "--max-batch-size", "4",

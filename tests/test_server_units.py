@@ -197,6 +197,7 @@ def test_onnx_backend_serves_an_export_like_the_model(export_dir, checkpoint):
     np.testing.assert_allclose(got, want_maps[1].numpy(), atol=1e-4)
 
 
+@pytest.mark.slow  # tiled ONNX sessions beside the torch tiler (~10 s on 2 idle cores)
 def test_onnx_backend_runs_tiled_jobs_like_the_torch_library(export_dir, checkpoint):
     spec = describe_model(Settings(model=str(export_dir)))
     encode, decode, reconstruct = (cls(spec, max_batch_size=2, batch_timeout=0.0)
