@@ -40,8 +40,27 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
     return torch.device("cuda", local_rank)
 
 
+# What MPI launchers (Open MPI, MPICH / Intel MPI / Slurm's PMI, MVAPICH) tell each process
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def check_launcher(environ: dict[str, str] | None = None) -> None:
+    """Refuse a multi-process MPI launch (`mpirun -n 2 python -m train ...`) that sets no
+    WORLD_SIZE: every process would train alone, all writing one run folder."""
+    env = os.environ if environ is None else environ
+    if "WORLD_SIZE" in env:
+        return
+    for name in MPI_SIZE_VARIABLES:
+        if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1:
+            raise ConfigError(f"started by an MPI launcher ({name}={env[name]}) without "
+                              "WORLD_SIZE/RANK: each process would run alone into one folder; "
+                              "launch with `torchrun --nproc_per_node=N` (or `accelerate "
+                              "launch`), which set them")
+
+
 def setup(preference: str = "auto") -> DistEnv:
     """Join the process group when launched with WORLD_SIZE > 1 (env:// rendezvous)."""
+    check_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     device = pick_device(preference, int(os.environ.get("LOCAL_RANK", "0")))

@@ -91,6 +91,20 @@ def _two_nodes(cfg: Path, *train_args: str) -> list[subprocess.CompletedProcess]
     return results
 
 
+def test_an_mpi_launch_without_world_size_is_refused_before_anything_is_written(tmp_path):
+    """`mpirun -n 2 python -m train ...` gives each process OMPI_COMM_WORLD_SIZE=2 and no
+    WORLD_SIZE: two independent runs into one folder. Each process is refused in one line."""
+    for variable in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE"):
+        env = {**ENV, variable: "2", "OMPI_COMM_WORLD_RANK": "1", "PMI_RANK": "1"}
+        env.pop("WORLD_SIZE", None)
+        out = subprocess.run([sys.executable, "-m", "train", "--cfg", str(_config(tmp_path, 2))],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+        assert out.returncode == 2, out.stderr[-3000:]
+        assert f"MPI launcher ({variable}=2) without WORLD_SIZE" in out.stderr
+        assert "torchrun --nproc_per_node=N" in out.stderr and "Traceback" not in out.stderr
+        assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow  # two launchers, four processes, a resume (~30 s on 2 cores)
 def test_torchrun_two_nodes_on_loopback_trains_and_resumes(tmp_path):
     cfg = _config(tmp_path, 2)
