@@ -193,6 +193,20 @@ def markdown_table(rows: list[dict[str, Any]], columns: list[str]) -> str:
     return "\n".join(lines)
 
 
+def bench_parser(module: str, doc: str | None) -> argparse.ArgumentParser:
+    """The parser of `python -m bench.<module>`: its docstring as help, no abbreviations."""
+    return argparse.ArgumentParser(prog=f"python -m bench.{module}", description=doc,
+                                   allow_abbrev=False,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def print_and_write(report: str, path: str | Path, result: dict[str, Any]) -> int:
+    """Print a benchmark's report, write its result as JSON to `path`; the exit code."""
+    print(report)
+    print(f"\nwrote {write_json(path, result)}")
+    return 0
+
+
 def write_json(path: str | Path, payload: dict[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from runtime.fast_layers import winograd_available
 
-from .common import MEASUREMENTS, machine, markdown_table, median_time, write_json
+from .common import MEASUREMENTS, bench_parser, machine, markdown_table, median_time, write_json
 
 # (in channels, out channels, height = width)
 SHAPES = [(32, 32, 64), (32, 64, 32), (64, 64, 32), (64, 128, 16), (128, 128, 16),
@@ -28,9 +28,7 @@ COLUMNS = ["c_in", "c_out", "size", "mmacs", "onednn_ms", "winograd_ms", "speedu
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.conv", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("conv", __doc__)
     p.add_argument("--threads", type=int, default=2, help="default %(default)s")
     p.add_argument("--repeats", type=int, default=7, help="default %(default)s")
     p.add_argument("--json", type=Path, default=MEASUREMENTS / "conv.json")

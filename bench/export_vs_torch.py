@@ -22,15 +22,14 @@ import torch
 from export.onnx_export import DECODER_FILE, DEFAULT_OPSET, ENCODER_FILE, EXPORTERS, export_graph
 from export.ort_session import make_session
 
-from .common import MEASUREMENTS, build_model, machine, markdown_table, synthetic_maps, write_json
+from .common import (MEASUREMENTS, bench_parser, build_model, machine, markdown_table,
+                     print_and_write, synthetic_maps)
 
 COLUMNS = ["op", "runtime", "median_ms", "min_ms", "max_ms", "speedup_vs_torch", "max_abs_err"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.export_vs_torch", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("export_vs_torch", __doc__)
     p.add_argument("--config", help="model YAML (default first_radio.yaml; with --ckpt: the "
                                     "checkpoint's stored config)")
     p.add_argument("--ckpt", help="checkpoint (default: the config's network, random weights)")
@@ -128,9 +127,7 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = run(args)
-    print(report(result))
-    print(f"\nwrote {write_json(args.json, result)}")
-    return 0
+    return print_and_write(report(result), args.json, result)
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .common import machine
+from .common import bench_parser, machine
 
 BUSY = ("import sys, torch\n"
         "torch.set_num_threads(int(sys.argv[1]))\n"
@@ -50,9 +50,7 @@ def _loaded(command: list[str], env: dict[str, str], threads: int) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.load", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("load", __doc__)
     p.add_argument("--repeats", type=int, default=1, help="idle/loaded pairs (default 1)")
     p.add_argument("--competing-threads", type=int, default=os.cpu_count() or 1)
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",

@@ -27,9 +27,9 @@ from model.metrics import psnr
 from runtime.autotune import options_for
 from runtime.malloc import malloc_reuse
 
-from .common import (MEASUREMENTS, build_model, cpu_peak, gpu_peak, machine, markdown_table,
-                     measured_gemm_rate, model_flops, parse_ints, synchronize, synthetic_maps,
-                     write_json)
+from .common import (MEASUREMENTS, bench_parser, build_model, cpu_peak, gpu_peak, machine,
+                     markdown_table, measured_gemm_rate, model_flops, parse_ints, print_and_write,
+                     synchronize, synthetic_maps)
 from .paths import CPU_PATHS, GPU_PATHS, Runner, Skip, build_runner, default_paths, make_workdir
 
 OPS = ("encode", "decode", "reconstruct")
@@ -39,9 +39,7 @@ COLUMNS = ["op", "batch", "path", "ms_per_map", "maps_per_s", "speedup", "psnr_d
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.model", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("model", __doc__)
     p.add_argument("--config", help="model YAML (default first_radio.yaml; with --ckpt: the "
                                     "checkpoint's stored config)")
     p.add_argument("--ckpt", help="checkpoint to load (default: the config's network with "
@@ -301,9 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _check_args(args, parser)
     result = run(args)
-    print(report(result))
-    print(f"\nwrote {write_json(args.json, result)}")
-    return 0
+    return print_and_write(report(result), args.json, result)
 
 
 if __name__ == "__main__":

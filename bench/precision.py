@@ -11,7 +11,6 @@ and with the network's ends and attention in fp32 besides.
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import copy
 import sys
@@ -23,7 +22,8 @@ from torch import nn
 from model.autoencoder import AutoencoderKL
 from model.metrics import psnr
 
-from .common import MEASUREMENTS, build_model, machine, markdown_table, synthetic_maps, write_json
+from .common import (MEASUREMENTS, bench_parser, build_model, machine, markdown_table,
+                     synthetic_maps, write_json)
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -116,9 +116,7 @@ def attribute(model: AutoencoderKL, op: str, x: torch.Tensor, dtype) -> list[dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.precision", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("precision", __doc__)
     p.add_argument("--config", help="model YAML (default first_radio.yaml)")
     p.add_argument("--ckpt", help="a checkpoint's weights instead of seeded random ones")
     p.add_argument("--size", type=int, help="map height = width (default: the config's)")

@@ -9,7 +9,6 @@ over the floor) in both; `lit` is the share of outdoor pixels that a path reache
 """
 from __future__ import annotations
 
-import argparse
 import statistics
 import tempfile
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import MEASUREMENTS, machine, markdown_table, parse_ints, write_json
+from bench.common import MEASUREMENTS, bench_parser, machine, markdown_table, parse_ints, write_json
 from radiomaps.raytrace import SIMULATIONS, Geometry, raytrace_city, seed_noise_db, write_scene
 from radiomaps.sionna_backend import load_sionna_rt
 from radiomaps.synthetic import city, place_transmitter
@@ -45,8 +44,7 @@ def measure(map_id: int, name: str, samples: int, folder: Path, seed: int = 42) 
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = bench_parser("raytrace", __doc__)
     parser.add_argument("--maps", type=int, default=3, help="cities 1..N")
     parser.add_argument("--simulations", default="DPM,IRT2")
     parser.add_argument("--samples", type=parse_ints, default=[10 ** 5, 10 ** 6])

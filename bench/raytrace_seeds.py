@@ -14,7 +14,6 @@ project's metrics and RadioDiff's definitions (model/literature_metrics.py):
 """
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 from pathlib import Path
@@ -22,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bench.common import bench_parser
 from model.io import from_model, read_png, to_model
 from model.literature_metrics import definition_metrics
 from model.loading import load
@@ -94,9 +94,7 @@ def summarise(per_map: dict[str, dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.raytrace_seeds", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("raytrace_seeds", __doc__)
     p.add_argument("--roots", required=True, help="comma-separated raytrace folders, one per "
                                                   "trace seed (at least 2)")
     p.add_argument("--simulation", default="IRT2")

@@ -36,8 +36,8 @@ from model.config import to_dict
 from model.io import encode_npy, to_model
 from model.run_config import load_config
 
-from .common import (MEASUREMENTS, machine, markdown_table, median_time, parse_ints,
-                     synthetic_maps, write_json)
+from .common import (MEASUREMENTS, bench_parser, machine, markdown_table, median_time, parse_ints,
+                     print_and_write, synthetic_maps)
 
 COLUMNS = ["batching", "concurrency", "requests", "maps_per_s", "p50_ms", "p99_ms",
            "direct_ms_per_map", "overhead", "mean_batch", "model_ms_per_map", "http_overhead",
@@ -47,9 +47,7 @@ READY_TIMEOUT_S = 600
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.server", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("server", __doc__)
     p.add_argument("--model", help="checkpoint or export directory to serve (default: the "
                                    "--config network with random weights, written to a temp dir)")
     p.add_argument("--config", help="model YAML when --model is not given "
@@ -337,9 +335,7 @@ def report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     result = run(args)
-    print(report(result))
-    print(f"\nwrote {write_json(args.json, result)}")
-    return 0
+    return print_and_write(report(result), args.json, result)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import MEASUREMENTS, machine, markdown_table, parse_ints, write_json
+from bench.common import MEASUREMENTS, bench_parser, machine, markdown_table, parse_ints, write_json
 from runtime.tiling import Tiler, seam_band
 
 
@@ -73,8 +73,7 @@ def run_child(args: argparse.Namespace, seed: int, overlap: int, save: Path) -> 
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("tiling", __doc__)
     p.add_argument("--ckpt", default="reference")
     p.add_argument("--size", type=int, default=1024)
     p.add_argument("--maps", type=int, default=2)

@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from .common import MEASUREMENTS, machine, markdown_table, write_json
+from .common import MEASUREMENTS, bench_parser, machine, markdown_table, write_json
 
 COLUMNS = ["phase", "precision", "step_s", "maps_per_s", "speedup", "peak_mem_gib", "status"]
 PHASE_START = {1: 10 ** 9, 2: 0}  # lossconfig.disc_start: never / from the first step
@@ -38,9 +38,7 @@ def parse_variant(variant: str) -> tuple[str, bool] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.train", description=__doc__,
-                                allow_abbrev=False,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = bench_parser("train", __doc__)
     p.add_argument("--config", default="first_radio.yaml", help="run config (default %(default)s)")
     p.add_argument("--size", type=int, default=None,
                    help="map height = width (default: 320 on GPU, 128 on CPU)")
