@@ -44,15 +44,15 @@ def pick_device(preference: str, local_rank: int) -> torch.device:
 MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 
-def check_launcher(environ: dict[str, str] | None = None) -> None:
+def check_launcher() -> None:
     """Refuse a multi-process MPI launch (`mpirun -n 2 python -m train ...`) that sets no
     WORLD_SIZE: every process would train alone, all writing one run folder."""
-    env = os.environ if environ is None else environ
-    if "WORLD_SIZE" in env:
+    if "WORLD_SIZE" in os.environ:
         return
     for name in MPI_SIZE_VARIABLES:
-        if env.get(name, "1").isdigit() and int(env.get(name, "1")) > 1:
-            raise ConfigError(f"started by an MPI launcher ({name}={env[name]}) without "
+        size = os.environ.get(name, "1")
+        if size.isdigit() and int(size) > 1:
+            raise ConfigError(f"started by an MPI launcher ({name}={size}) without "
                               "WORLD_SIZE/RANK: each process would run alone into one folder; "
                               "launch with `torchrun --nproc_per_node=N` (or `accelerate "
                               "launch`), which set them")
