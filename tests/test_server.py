@@ -36,6 +36,7 @@ from model.loading import load
 from server.budget import Budget
 from server.client import Client, ServerError
 from tests.conftest import stop_later, tiny_model_config
+from tests.processes import group_pids, wait_group_gone
 
 pytestmark = pytest.mark.server
 
@@ -164,19 +165,6 @@ def _wait_ready(url: str, proc: subprocess.Popen, log: Path, limit: float = 180.
             pass
         time.sleep(0.1)
     pytest.fail(f"server not ready after {limit} s:\n{_log_tail(log)}")
-
-
-def _group_members(pgid: int) -> list[str]:
-    """Live (non-zombie) processes of a process group, as 'pid state'."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            found.append(f"{stat.parent.name} {fields[0]}")
-    return found
 
 
 def _kill_group(pgid: int) -> None:
@@ -737,7 +725,7 @@ def test_client_retries_connection_errors_with_backoff():
 # ---- graceful shutdown (keep last: it stops the module's server) ---------------------------
 
 def test_sigterm_finishes_in_flight_requests_and_ends_every_process(server):
-    assert len(_group_members(server.proc.pid)) >= 6  # main, manager, 3 workers, HTTP, ...
+    assert len(group_pids(server.proc.pid)) >= 6  # main, manager, 3 workers, HTTP, ...
     maps = encode_npy(_maps(4, size=128, seed=30))
     result = {}
     sender = threading.Thread(target=lambda: result.update(r=server.post("/reconstruct", maps)))
@@ -754,8 +742,5 @@ def test_sigterm_finishes_in_flight_requests_and_ends_every_process(server):
     assert server.proc.wait(120) == 0, _log_tail(server.log)
     # the main process has joined (or killed) every other before it exits 0: what may be left
     # is the kernel reaping them, not a process still running
-    deadline = time.monotonic() + 30
-    while _group_members(server.proc.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert _group_members(server.proc.pid) == [], "processes left after SIGTERM"
+    assert wait_group_gone(server.proc.pid, 30) == [], "processes left after SIGTERM"
 

@@ -14,7 +14,8 @@ import pytest
 import requests
 
 from model.io import encode_npy
-from tests.reliability.cluster import Cluster, Replica, group_pids, wait_group_gone
+from tests.processes import group_pids, wait_group_gone
+from tests.reliability.cluster import Cluster, Replica
 from tests.reliability.load import BackgroundLoad, as_array, post
 
 pytestmark = pytest.mark.reliability
