@@ -358,17 +358,18 @@ class RadioAPI(ls.LitAPI):
 
     def _measure_warmup(self) -> speed.Speed:
         """Seconds and peak resident bytes per output megapixel of this endpoint on this
-        device: a first run's memory, then the median of SPEED_RUNS timed runs (one-time costs
+        device: a run's memory, and the median of SPEED_RUNS timed runs (one-time costs
         paid, kernel choices settled by the decision; on a CPU, what a run takes with its cores
         to itself, so that another job running at the time does not shrink the budget recorded
         for every later start: runtime/fast_layers.median_seconds)."""
-        grown = self._added_memory()
         cost = self._warmup_cost(linear=True)
-        rate = self._median_seconds(1.0, SPEED_RUNS) / cost
         # The same at the largest whole pass: how a pixel's cost changes with the pass's size.
         scale = min((self.largest_pass / (cost * 1e6)) ** 0.5, GROWTH_MAX_SCALE)
         big = self._warmup_cost(scale, linear=True)
-        if big <= cost * 1.2:
+        one_size = big <= cost * 1.2  # no larger pass to measure: memory at the warm-up size
+        grown = self._added_memory() if one_size else 0  # first: nothing reused yet
+        rate = self._median_seconds(1.0, SPEED_RUNS) / cost
+        if one_size:
             return {"seconds_per_megapixel": rate, "bytes_per_megapixel": grown / cost,
                     "cost_growth_per_megapixel": 0.0, "growth_measured_to_megapixels": cost}
         grown_big = self._added_memory(scale)
