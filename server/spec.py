@@ -86,9 +86,11 @@ def limits_of(settings: Settings, spec: ModelSpec) -> Limits:
 def _tiler(settings: Settings, spec: ModelSpec) -> Tiler:
     """--tile and --tile-overlap; by default tiles of the size the model was trained at (a
     model trained at 64x64 is not asked for 256x256 passes, whose attention costs it 2.6x
-    more per pixel), overlapping by half a tile."""
-    tile = settings.tile or min(spec.config_size)
-    overlap = tile // 2 if settings.tile_overlap is None else settings.tile_overlap
+    more per pixel), overlapping by half a tile; both defaults rounded down to the downsampling
+    factor's multiples (a configured resolution need not be one)."""
+    f = spec.downsample_factor
+    tile = settings.tile or max(f, min(spec.config_size) // f * f)
+    overlap = tile // 2 // f * f if settings.tile_overlap is None else settings.tile_overlap
     try:
         return Tiler(tile, overlap, spec.downsample_factor)
     except ValueError as err:

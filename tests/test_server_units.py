@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -126,6 +127,19 @@ def test_tiles_default_to_the_models_training_size_overlapping_by_half(checkpoin
     assert (tiler.tile, tiler.overlap) == (side, side // 2)
     pinned = limits_of(Settings(model=str(checkpoint), tile=32, tile_overlap=0), spec).tiler
     assert (pinned.tile, pinned.overlap) == (32, 0)
+
+
+def test_default_tiles_are_multiples_of_the_factor_whatever_the_configured_resolution(checkpoint):
+    """ddconfig.resolution only places attention layers: it need not be a multiple of the
+    downsampling factor, and the default tile and overlap must still be (else the server would
+    refuse to start over options nobody set)."""
+    spec = describe_model(Settings(model=str(checkpoint)))
+    f = spec.downsample_factor
+    odd = 10 * f + f // 2 + 1  # not a multiple of f (f >= 2)
+    config = {**spec.model_config, "ddconfig": {**spec.model_config["ddconfig"],
+                                                 "resolution": [odd, odd]}}
+    tiler = limits_of(Settings(model=str(checkpoint)), replace(spec, model_config=config)).tiler
+    assert tiler.tile == 10 * f and tiler.overlap % f == 0 and tiler.overlap <= 5 * f
 
 
 def test_pinned_resolution_accepts_only_that_size(checkpoint):
