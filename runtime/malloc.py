@@ -38,7 +38,7 @@ def malloc_reuse(enabled: bool) -> bool:
     mmap, trim = (REUSE_BYTES, REUSE_BYTES) if enabled else (GLIBC_MMAP_MAX, 2 * GLIBC_MMAP_MAX)
     done = libc.mallopt(_M_MMAP_THRESHOLD, mmap) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, trim) == 1
     if not enabled:
-        libc.malloc_trim(0)
+        release_free_memory()
     return done
 
 

@@ -37,8 +37,8 @@ BATCH_SIZE = Histogram("radiodiff_batch_size", "Maps (or latents) per forward pa
                        ["endpoint"], buckets=SIZE_BUCKETS)
 MAPS = Counter("radiodiff_maps_processed", "Maps (or latents) processed", ["endpoint"])
 REJECTION_REASONS = ("over_budget", "over_memory", "queue_full", "client_share", "deadline",
-                     "deadline_running", "deadline_unreachable", "disconnected", "disconnected_upload", "slow_upload",
-                     "no_memory",
+                     "deadline_running", "deadline_unreachable", "disconnected",
+                     "disconnected_upload", "slow_upload", "no_memory",
                      "worker_crashed")  # docs/server.md says what each is
 REJECTIONS = Counter("radiodiff_rejections", "Requests refused or given up on, by endpoint and "
                      f"reason ({', '.join(REJECTION_REASONS)})", ["endpoint", "reason"])
