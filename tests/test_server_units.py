@@ -79,7 +79,7 @@ def test_startup_errors_name_what_is_wrong(tmp_path, checkpoint, caplog, monkeyp
              (["--model", str(checkpoint), "--backend", "onnx"], "python -m export"),
              (["--model", str(checkpoint), "--resolution", "66", "66"], "multiples of the model's"),
              (["--model", str(checkpoint), "--tile", "62"],
-              "--tile 62 --tile-overlap 31: tile (62) and overlap (31) must be multiples of "
+              "--tile 62 --tile-overlap 28: tile (62) and overlap (28) must be multiples of "
               "the downsampling factor 4"),
              (["--model", str(checkpoint), "--tile", "64", "--tile-overlap", "64"],
               "--tile 64 --tile-overlap 64: overlap must be in [0, tile)"),
@@ -140,6 +140,9 @@ def test_default_tiles_are_multiples_of_the_factor_whatever_the_configured_resol
                                                  "resolution": [odd, odd]}}
     tiler = limits_of(Settings(model=str(checkpoint)), replace(spec, model_config=config)).tiler
     assert tiler.tile == 10 * f and tiler.overlap % f == 0 and tiler.overlap <= 5 * f
+    # a --tile whose half is not a multiple of f: the default overlap is rounded, not refused
+    given = limits_of(Settings(model=str(checkpoint), tile=3 * f), spec).tiler
+    assert (given.tile, given.overlap) == (3 * f, f)
 
 
 def test_pinned_resolution_accepts_only_that_size(checkpoint):
